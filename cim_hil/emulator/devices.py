@@ -1,0 +1,75 @@
+"""Device physics of one array of memristors: soft-bounds pulses, write-verify trials, reads.
+
+Each device draws its own parameters (device-to-device variation) once, from the array's
+generator, so the same seed gives the same chip. The pulse response is the soft-bounds model
+of ../shared/DOMAIN.md, applied one pulse at a time so alternating up/down pulses behave
+exactly as on the bench.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cim_hil.config import DeviceConfig
+
+
+class DeviceArray:
+    """``rows x cols`` devices; ``g`` holds the true conductances (uS), unseen by the host."""
+
+    def __init__(
+        self, config: DeviceConfig, rows: int, cols: int, generator: torch.Generator, device: torch.device
+    ) -> None:
+        self.config = config
+        self.generator = generator
+        self.shape = (rows, cols)
+        span = config.range_us
+        self.g_min = config.g_min_us + config.g_min_us * config.bounds_d2d * self._randn()
+        self.g_max = config.g_max_us + config.g_max_us * config.bounds_d2d * self._randn()
+        # Variation must never invert a device's range: keep at least half the nominal span.
+        self.g_max = torch.maximum(self.g_max, self.g_min + 0.5 * span)
+        self.a_up = config.step_up_us * (1 + config.step_d2d * self._randn()).clamp(min=0.1)
+        self.a_down = config.step_down_us * (1 + config.step_d2d * self._randn()).clamp(min=0.1)
+        self.stuck = self._rand() < config.stuck_fraction
+        stuck_at = self.g_min + (self.g_max - self.g_min) * self._rand()
+        # Pristine forming-free devices sit in their high-resistance state.
+        self.g = torch.where(self.stuck, stuck_at, self.g_min)
+
+    def _randn(self) -> torch.Tensor:
+        return torch.randn(self.shape, generator=self.generator, device=self.generator.device)
+
+    def _rand(self) -> torch.Tensor:
+        return torch.rand(self.shape, generator=self.generator, device=self.generator.device)
+
+    def symmetry_point(self) -> torch.Tensor:
+        """G* where an up and a down step cancel on average (analytic, for tests and reports)."""
+        return (self.a_up * self.g_max + self.a_down * self.g_min) / (self.a_up + self.a_down)
+
+    def pulse(self, counts: torch.Tensor) -> None:
+        """Apply signed pulse counts, one pulse per step so every pulse sees the present state.
+
+        Up:   dG = a_up   * (G_max - G) / (G_max - G_min)
+        Down: dG = a_down * (G_min - G) / (G_max - G_min)
+        so both are (bound - G) * rate, with the bound and rate chosen by the pulse's sign.
+        """
+        remaining = counts.abs()
+        going_up = counts > 0
+        bound = torch.where(going_up, self.g_max, self.g_min)
+        rate = torch.where(going_up, self.a_up, self.a_down) / (self.g_max - self.g_min)
+        movable = ~self.stuck
+        c2c = self.config.step_c2c
+        for k in range(int(remaining.max()) if remaining.numel() else 0):
+            step = (bound - self.g).mul_(rate)
+            if c2c:
+                step.mul_(self._randn().mul_(c2c).add_(1))
+            moved = step.add_(self.g).clamp_(self.g_min, self.g_max)
+            self.g = torch.where((remaining > k) & movable, moved, self.g)
+
+    def write_trial(self, targets: torch.Tensor, selected: torch.Tensor, error_us: float) -> None:
+        """One write-verify programming trial: selected devices land near target, with error."""
+        landed = targets + error_us * self._randn() if error_us else targets
+        landed = torch.clamp(landed, self.g_min, self.g_max)
+        self.g = torch.where(selected & ~self.stuck, landed, self.g)
+
+    def read(self, noise_us: float) -> torch.Tensor:
+        """One read of every device with fresh read noise."""
+        return self.g + noise_us * self._randn() if noise_us else self.g.clone()

@@ -1,0 +1,40 @@
+"""Converters around the array: the input DAC and the output ADC.
+
+The host sees only what these return: inputs snapped to DAC codes, outputs snapped to ADC
+codes (saturating at full scale), with the ADC's input-referred noise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def quantise_input(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inputs in [-1, 1] to the nearest signed DAC code (sign + ``bits - 1`` magnitude bits)."""
+    top = 2 ** (bits - 1) - 1
+    return torch.round(x.clamp(-1.0, 1.0) * top) / top
+
+
+class ADC:
+    """A signed ADC with ``bits`` bits (sign included) and a symmetric full scale."""
+
+    def __init__(self, bits: int, full_scale: float, noise: float, generator: torch.Generator) -> None:
+        self.top_code = 2 ** (bits - 1) - 1
+        self.full_scale = full_scale
+        self.lsb = full_scale / self.top_code
+        self.noise = noise
+        self.generator = generator
+
+    def convert(self, analog: torch.Tensor) -> torch.Tensor:
+        if self.noise:
+            analog = analog + self.noise * torch.randn(
+                analog.shape, generator=self.generator, device=analog.device
+            )
+        codes = torch.round(analog / self.lsb).clamp(-self.top_code, self.top_code)
+        return codes * self.lsb
+
+
+def quantise_unsigned(values: torch.Tensor, bits: int, full_scale: float) -> torch.Tensor:
+    """Conductance reads through an unsigned ``bits``-bit conversion over [0, full_scale]."""
+    lsb = full_scale / (2**bits - 1)
+    return torch.round(values.clamp(0.0, full_scale) / lsb) * lsb

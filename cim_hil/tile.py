@@ -1,0 +1,260 @@
+"""The hardware abstraction layer: one ``Tile`` interface for every crossbar backend.
+
+The trainer and the calibration routines talk to this class only. Public methods check their
+arguments here, once for every backend, and hand clean tensors to the backend's ``_``-methods;
+an operation a backend lacks raises :class:`CapabilityError` instead of being faked.
+
+Units: conductances in microsiemens (uS); product inputs are fractions of the DAC full scale
+in [-1, 1]; product outputs are column (or row) currents in microamperes (uA), as the ADC
+reports them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+
+import torch
+
+from cim_hil.errors import CapabilityError, ShapeError, UnsafeValueError
+
+Window = tuple[int, int, int, int]
+"""A rectangle of devices, half-open: (row_start, row_stop, col_start, col_stop)."""
+
+
+class Capability(StrEnum):
+    """What a backend can do; the trainer and calibration ask before they rely on it."""
+
+    ANALOG_PRODUCTS = "analog_products"  # the array itself computes vector-matrix products
+    TRANSPOSE = "transpose"  # products with the transposed array (backward pass)
+    PULSES = "pulses"  # open-loop signed programming pulses
+    WRITE_VERIFY = "write_verify"  # program-with-verify to target conductances
+    REFERENCE = "reference"  # per-device reference conductances that can be programmed
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """Shape and limits of one tile, as its backend reports them."""
+
+    rows: int
+    cols: int
+    input_bits: int
+    output_bits: int
+    g_min_us: float
+    g_max_us: float
+    levels: int
+    v_read: float
+    max_pulses_per_call: int
+    capabilities: frozenset[Capability]
+
+    @property
+    def level_spacing_us(self) -> float:
+        return (self.g_max_us - self.g_min_us) / (self.levels - 1)
+
+    def supports(self, capability: Capability) -> bool:
+        return capability in self.capabilities
+
+
+@dataclass
+class Counters:
+    """What a tile (or a board, summed) has done; ``seconds`` follows from cycles and clock."""
+
+    clock_hz: float
+    cycles: int = 0
+    products: int = 0
+    transpose_products: int = 0
+    pulses: int = 0
+    device_reads: int = 0
+    verify_trials: int = 0
+    energy_nj: float = 0.0
+    link_bytes_out: int = 0
+    link_bytes_in: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.cycles / self.clock_hz
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "seconds": self.seconds}
+
+    def __add__(self, other: "Counters") -> "Counters":
+        summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        summed["clock_hz"] = self.clock_hz
+        return Counters(**summed)
+
+
+@dataclass
+class ProgramResult:
+    """What program-with-verify achieved, device by device; failures are reported, not hidden.
+
+    ``reached_us`` is the last verify read of each attempted device (what the host can know),
+    NaN where no programming was asked for; ``failed`` marks attempted devices still outside
+    the tolerance when their trial budget ran out.
+    """
+
+    reached_us: torch.Tensor
+    trials: torch.Tensor
+    failed: torch.Tensor
+    tolerance_us: float = field(default=0.0)
+
+    @property
+    def n_failed(self) -> int:
+        return int(self.failed.sum())
+
+    @property
+    def n_attempted(self) -> int:
+        return int((self.trials > 0).sum())
+
+
+class Tile(ABC):
+    """One crossbar with its periphery. Subclasses implement the ``_``-methods."""
+
+    spec: TileSpec
+    counters: Counters
+
+    # ---- products -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Column currents (uA) for a batch of row inputs ``x`` of shape (batch, rows)."""
+        self._require(Capability.ANALOG_PRODUCTS)
+        return self._forward(self._batch(x, self.spec.rows, "forward input"))
+
+    def backward(self, d: torch.Tensor) -> torch.Tensor:
+        """Row currents (uA) for a batch of column inputs ``d`` of shape (batch, cols)."""
+        self._require(Capability.TRANSPOSE)
+        return self._backward(self._batch(d, self.spec.cols, "backward input"))
+
+    # ---- conductances ---------------------------------------------------------------------
+    def read_conductances(self, window: Window | None = None) -> torch.Tensor:
+        """One noisy read of the weight devices (uS), the whole tile or a window."""
+        return self._read_conductances(self._window(window))
+
+    def apply_pulses(self, counts: torch.Tensor) -> torch.Tensor:
+        """Apply signed pulse counts (+ up / SET, - down / RESET), one entry per device.
+
+        Returns the counts actually applied (a backend may refuse some; the caller accounts for
+        exactly what was applied).
+        """
+        self._require(Capability.PULSES)
+        counts = self._matrix(counts, "pulse counts")
+        if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
+            raise ShapeError(f"pulse counts must be an integer tensor, got {counts.dtype}")
+        worst = int(counts.abs().max()) if counts.numel() else 0
+        if worst > self.spec.max_pulses_per_call:
+            raise UnsafeValueError(
+                f"pulse count {worst} exceeds max_pulses_per_call "
+                f"({self.spec.max_pulses_per_call}); nothing was applied"
+            )
+        return self._apply_pulses(counts.to(torch.int64))
+
+    def program_verify(
+        self,
+        targets_us: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        tolerance_us: float | None = None,
+        max_trials: int | None = None,
+    ) -> ProgramResult:
+        """Write-verify the weight devices selected by ``mask`` (all if None) to ``targets_us``."""
+        self._require(Capability.WRITE_VERIFY)
+        targets, mask, tolerance, trials = self._program_args(targets_us, mask, tolerance_us, max_trials)
+        return self._program_verify(targets, mask, tolerance, trials, reference=False)
+
+    # ---- reference devices (zero-shifting) ------------------------------------------------
+    def read_reference(self) -> torch.Tensor:
+        """One noisy read of the reference devices (uS)."""
+        self._require(Capability.REFERENCE)
+        return self._read_reference()
+
+    def program_reference(
+        self,
+        targets_us: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        tolerance_us: float | None = None,
+        max_trials: int | None = None,
+    ) -> ProgramResult:
+        """Write-verify the reference devices to ``targets_us`` (zero-shifting)."""
+        self._require(Capability.REFERENCE)
+        targets, mask, tolerance, trials = self._program_args(targets_us, mask, tolerance_us, max_trials)
+        return self._program_verify(targets, mask, tolerance, trials, reference=True)
+
+    # ---- backend hooks --------------------------------------------------------------------
+    @abstractmethod
+    def _forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def _backward(self, d: torch.Tensor) -> torch.Tensor:
+        raise CapabilityError("this tile has no transpose products")
+
+    @abstractmethod
+    def _read_conductances(self, window: Window) -> torch.Tensor: ...
+
+    def _apply_pulses(self, counts: torch.Tensor) -> torch.Tensor:
+        raise CapabilityError("this tile cannot apply pulses")
+
+    def _program_verify(
+        self, targets: torch.Tensor, mask: torch.Tensor, tolerance_us: float, max_trials: int, reference: bool
+    ) -> ProgramResult:
+        raise CapabilityError("this tile cannot program with verify")
+
+    def _read_reference(self) -> torch.Tensor:
+        raise CapabilityError("this tile has no reference devices")
+
+    @property
+    @abstractmethod
+    def default_tolerance_us(self) -> float: ...
+
+    @property
+    @abstractmethod
+    def default_max_trials(self) -> int: ...
+
+    # ---- argument checks shared by every backend ------------------------------------------
+    def _require(self, capability: Capability) -> None:
+        if not self.spec.supports(capability):
+            raise CapabilityError(f"this tile does not support '{capability}'")
+
+    def _batch(self, x: torch.Tensor, width: int, what: str) -> torch.Tensor:
+        x = torch.as_tensor(x)
+        if x.ndim == 1:
+            x = x.unsqueeze(0)
+        if x.ndim != 2 or x.shape[1] != width:
+            raise ShapeError(f"{what} must have shape (batch, {width}), got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise UnsafeValueError(f"{what} contains NaN or infinite values")
+        return x
+
+    def _matrix(self, values: torch.Tensor, what: str) -> torch.Tensor:
+        values = torch.as_tensor(values)
+        expected = (self.spec.rows, self.spec.cols)
+        if tuple(values.shape) != expected:
+            raise ShapeError(f"{what} must have shape {expected}, got {tuple(values.shape)}")
+        return values
+
+    def _window(self, window: Window | None) -> Window:
+        if window is None:
+            return (0, self.spec.rows, 0, self.spec.cols)
+        r0, r1, c0, c1 = (int(v) for v in window)
+        if not (0 <= r0 < r1 <= self.spec.rows and 0 <= c0 < c1 <= self.spec.cols):
+            raise ShapeError(
+                f"window {window} does not fit a {self.spec.rows}x{self.spec.cols} tile"
+            )
+        return (r0, r1, c0, c1)
+
+    def _program_args(self, targets_us, mask, tolerance_us, max_trials):
+        targets = self._matrix(targets_us, "targets").to(torch.float32)
+        mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else self._matrix(mask, "mask").bool()
+        chosen = targets[mask.to(targets.device)]
+        low, high = self.spec.g_min_us, self.spec.g_max_us
+        if not torch.isfinite(chosen).all():
+            raise UnsafeValueError("targets contain NaN or infinite values; nothing was programmed")
+        outside = (chosen < low) | (chosen > high)
+        if outside.any():
+            raise UnsafeValueError(
+                f"{int(outside.sum())} target(s) outside the safe conductance range "
+                f"[{low}, {high}] uS (e.g. {float(chosen[outside][0]):.3g} uS); nothing was programmed"
+            )
+        tolerance = self.default_tolerance_us if tolerance_us is None else float(tolerance_us)
+        if not tolerance > 0:
+            raise UnsafeValueError(f"tolerance_us must be positive, got {tolerance_us}")
+        trials = self.default_max_trials if max_trials is None else int(max_trials)
+        if trials < 1:
+            raise UnsafeValueError(f"max_trials must be at least 1, got {max_trials}")
+        return targets, mask, tolerance, trials
