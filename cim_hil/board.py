@@ -54,6 +54,21 @@ class Board:
             **self._info,
         }
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """The emulated device state, for checkpoints; None for real hardware, whose devices
+        keep their own state."""
+        if not all(hasattr(tile, "state_dict") for tile in self.tiles):
+            return None
+        return {"url": self.url, "tiles": [tile.state_dict() for tile in self.tiles]}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            return
+        if len(state["tiles"]) != len(self.tiles):
+            raise BoardError(f"checkpoint holds {len(state['tiles'])} tiles, the board has {len(self.tiles)}")
+        for tile, tile_state in zip(self.tiles, state["tiles"]):
+            tile.load_state_dict(tile_state)
+
     def close(self) -> None:
         """Release the link; the emulator has none."""
 

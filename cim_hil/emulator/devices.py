@@ -40,6 +40,15 @@ class DeviceArray:
     def _rand(self) -> torch.Tensor:
         return torch.rand(self.shape, generator=self.generator, device=self.generator.device)
 
+    STATE = ("g", "g_min", "g_max", "a_up", "a_down", "stuck")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).clone() for name in self.STATE}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self.STATE:
+            setattr(self, name, state[name].to(self.g.device))
+
     def symmetry_point(self) -> torch.Tensor:
         """G* where an up and a down step cancel on average (analytic, for tests and reports)."""
         return (self.a_up * self.g_max + self.a_down * self.g_min) / (self.a_up + self.a_down)

@@ -16,20 +16,19 @@ def quantise_input(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class ADC:
-    """A signed ADC with ``bits`` bits (sign included) and a symmetric full scale."""
+    """A signed ADC with ``bits`` bits (sign included) and a symmetric full scale.
 
-    def __init__(self, bits: int, full_scale: float, noise: float, generator: torch.Generator) -> None:
+    ``noise`` is its input-referred Gaussian noise std; the tile adds it together with the
+    array's read noise in one draw, before conversion.
+    """
+
+    def __init__(self, bits: int, full_scale: float, noise: float) -> None:
         self.top_code = 2 ** (bits - 1) - 1
         self.full_scale = full_scale
         self.lsb = full_scale / self.top_code
         self.noise = noise
-        self.generator = generator
 
     def convert(self, analog: torch.Tensor) -> torch.Tensor:
-        if self.noise:
-            analog = analog + self.noise * torch.randn(
-                analog.shape, generator=self.generator, device=analog.device
-            )
         codes = torch.round(analog / self.lsb).clamp(-self.top_code, self.top_code)
         return codes * self.lsb
 

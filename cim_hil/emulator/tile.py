@@ -7,6 +7,7 @@ exactly this class over the firmware protocol.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import torch
 
@@ -52,8 +53,8 @@ class EmulatedTile(Tile):
         self.programming_error_us = dev.programming_error_levels * spacing
         adc_noise = per.adc_noise_levels * spacing * per.v_read
         largest_current = per.v_read * dev.range_us
-        self.forward_adc = ADC(per.output_bits, per.adc_full_scale_fraction * largest_current * rows, adc_noise, generator)
-        self.backward_adc = ADC(per.output_bits, per.adc_full_scale_fraction * largest_current * cols, adc_noise, generator)
+        self.forward_adc = ADC(per.output_bits, per.adc_full_scale_fraction * largest_current * rows, adc_noise)
+        self.backward_adc = ADC(per.output_bits, per.adc_full_scale_fraction * largest_current * cols, adc_noise)
         self.read_full_scale_us = READ_FULL_SCALE_HEADROOM * dev.g_max_us
         # Without reference devices the periphery subtracts a fixed mid-range current.
         self.fixed_reference_us = (dev.g_min_us + dev.g_max_us) / 2
@@ -66,6 +67,23 @@ class EmulatedTile(Tile):
     def default_max_trials(self) -> int:
         return self.config.write_verify.max_trials
 
+    # ---- emulator state (checkpoints) -----------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything that makes this tile's future numbers: devices, references, random stream."""
+        return {
+            "devices": self.devices.state_dict(),
+            "references": self.references.state_dict() if self.references is not None else None,
+            "generator": self.generator.get_state(),
+            "counters": asdict(self.counters),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.devices.load_state_dict(state["devices"])
+        if self.references is not None:
+            self.references.load_state_dict(state["references"])
+        self.generator.set_state(state["generator"])
+        self.counters = Counters(**state["counters"])
+
     # ---- products -------------------------------------------------------------------------
     def _weights(self) -> torch.Tensor:
         reference = self.references.g if self.references is not None else self.fixed_reference_us
@@ -74,14 +92,14 @@ class EmulatedTile(Tile):
     def _product(self, x: torch.Tensor, matrix: torch.Tensor, adc: ADC) -> torch.Tensor:
         codes = quantise_input(x.to(self.device, torch.float32), self.spec.input_bits)
         currents = self.spec.v_read * (codes @ matrix)
-        if self.read_noise_us:
-            # Fresh read noise on every device of a product adds, per output, a Gaussian whose
-            # std is noise * |input|: exact in distribution, without a noise matrix per sample.
-            devices_per_weight = 2 if self.references is not None else 1
-            std = self.spec.v_read * self.read_noise_us * math.sqrt(devices_per_weight)
-            currents = currents + std * codes.norm(dim=1, keepdim=True) * torch.randn(
-                currents.shape, generator=self.generator, device=self.device
-            )
+        # Fresh read noise on every device of a product adds, per output, a Gaussian whose std
+        # is sigma_read * |input| (exact in distribution, no noise matrix per sample); the ADC's
+        # own Gaussian noise adds in quadrature, so one draw serves both.
+        devices_per_weight = 2 if self.references is not None else 1
+        read_std = self.spec.v_read * self.read_noise_us * math.sqrt(devices_per_weight)
+        if read_std or adc.noise:
+            std = torch.sqrt((read_std * codes.norm(dim=1, keepdim=True)) ** 2 + adc.noise**2)
+            currents = currents + std * torch.randn(currents.shape, generator=self.generator, device=self.device)
         return adc.convert(currents)
 
     def _count_products(self, batch: int, outputs: int, transpose: bool) -> None:

@@ -1,0 +1,185 @@
+"""Train LeNet-5 on MNIST, on analog tiles with the mixed-precision updater or in float.
+
+A run directory holds ``metrics.jsonl`` (one line per epoch), ``curves.png`` and
+``checkpoint.pt``, written after every epoch by replacing the old file in one step, so a
+pulled cable or a killed process loses at most the epoch in progress. ``Trainer.resume``
+continues a run bit for bit: model, chi and optimizer state, emulated device state and every
+random stream are in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from tqdm import tqdm
+
+from cim_hil.board import Board, open_board
+from cim_hil.config import EmulatorConfig, SoCConfig, _Strict, validate
+from cim_hil.errors import CimHilError
+from cim_hil.nn import MappingConfig, convert_to_analog, count_tiles
+from cim_hil.training.lenet import lenet5
+from cim_hil.training.mnist import MNIST
+from cim_hil.training.optimizer import MixedPrecisionOptimizer
+from cim_hil.training.plots import plot_training_curves
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+EVAL_BATCH = 500
+
+
+class TrainConfig(_Strict):
+    board: str = Field("emulator:", description="board URL; the emulator gets as many tiles as the model needs")
+    float_baseline: bool = Field(False, description="train in float32 on the host instead")
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    rule: Literal["sgd", "adam"] = "adam"
+    seed: int = Field(0, ge=0)
+    train_limit: int | None = Field(None, ge=1, description="use only the first N training digits")
+    test_limit: int | None = Field(None, ge=1, description="use only the first N test digits")
+    mapping: MappingConfig = MappingConfig()
+
+
+def open_board_for(model: torch.nn.Module, url: str) -> Board:
+    """Open ``url``; a bare emulator URL gets exactly the tiles the model needs."""
+    bare_emulator = url == "emulator:" or url.startswith("emulator:?")
+    if bare_emulator and "tiles=" not in url:
+        default = EmulatorConfig()
+        needed = count_tiles(model, default.soc.rows, default.soc.cols)
+        return open_board(url, EmulatorConfig(soc=SoCConfig(tiles=needed)))
+    return open_board(url)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, data: MNIST, out_dir: str | Path, progress: bool = True) -> None:
+        self.config = config
+        self.data = MNIST(data.train.head(config.train_limit), data.test.head(config.test_limit), data.source)
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        torch.manual_seed(config.seed)
+        self.shuffle = torch.Generator().manual_seed(config.seed)
+        model = lenet5()
+        if config.float_baseline:
+            self.board = None
+            self.model = model
+            optimizer_type = torch.optim.Adam if config.rule == "adam" else torch.optim.SGD
+            self.optimizer = optimizer_type(model.parameters(), lr=config.lr)
+        else:
+            self.board = open_board_for(model, config.board)
+            self.model = convert_to_analog(model, self.board, config.mapping)
+            self.optimizer = MixedPrecisionOptimizer(self.model, lr=config.lr, rule=config.rule)
+        self.epoch = 0
+        self.history: list[dict] = []
+
+    # ---- the loop -------------------------------------------------------------------------
+    def fit(self, epochs: int | None = None) -> list[dict]:
+        """Train up to ``epochs`` (default: the config's) epochs in total, resuming where left."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(self.epoch, epochs or self.config.epochs):
+            row = self._train_epoch()
+            row.update(self.evaluate())
+            self.epoch += 1
+            self.history.append(row)
+            with open(self.out_dir / METRICS, "a") as stream:
+                stream.write(json.dumps(row) + "\n")
+            self.save_checkpoint()
+            plot_training_curves(self.history, self.out_dir / CURVES, self._title())
+        return self.history
+
+    def _train_epoch(self) -> dict:
+        train, size = self.data.train, self.config.batch_size
+        order = torch.randperm(len(train), generator=self.shuffle)
+        self.model.train()
+        before = self.board.counters if self.board else None
+        programmed, loss_sum, correct = 0, 0.0, 0
+        start = time.perf_counter()
+        batches = range(0, len(train), size)
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", disable=not self.progress, leave=False)
+        for first in bar:
+            chosen = order[first : first + size]
+            images, labels = train.images[chosen], train.labels[chosen]
+            self.optimizer.zero_grad()
+            logits = self.model(images)
+            loss = F.cross_entropy(logits, labels)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.item() * len(chosen)
+            correct += int((logits.argmax(1) == labels).sum())
+            if isinstance(self.optimizer, MixedPrecisionOptimizer):
+                programmed += self.optimizer.last_step["devices_programmed"]
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        row = {
+            "epoch": self.epoch + 1,
+            "train_loss": loss_sum / len(train),
+            "train_acc": correct / len(train),
+            "train_seconds": time.perf_counter() - start,
+        }
+        if self.board is not None:
+            spent = self.board.counters
+            row.update(
+                devices_programmed=programmed,
+                pulses=spent.pulses - before.pulses,
+                chip_seconds=spent.seconds - before.seconds,
+                chip_energy_uj=(spent.energy_nj - before.energy_nj) / 1000,
+                **self.optimizer.write_statistics(),
+            )
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        test = self.data.test
+        correct = 0
+        for first in range(0, len(test), EVAL_BATCH):
+            logits = self.model(test.images[first : first + EVAL_BATCH])
+            correct += int((logits.argmax(1) == test.labels[first : first + EVAL_BATCH]).sum())
+        return {"test_acc": correct / len(test)}
+
+    def _title(self) -> str:
+        kind = "float32 baseline" if self.config.float_baseline else f"mixed precision on {self.config.board}"
+        return f"LeNet-5 / MNIST, {kind}"
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        state = {
+            "config": self.config.model_dump(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "board": self.board.state_dict() if self.board else None,
+            "shuffle": self.shuffle.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        path = self.out_dir / CHECKPOINT
+        partial = path.with_suffix(".part")
+        torch.save(state, partial)
+        os.replace(partial, path)  # one step: the old checkpoint stays whole until the new one is
+        return path
+
+    @classmethod
+    def resume(cls, out_dir: str | Path, data: MNIST, progress: bool = True) -> "Trainer":
+        path = Path(out_dir) / CHECKPOINT
+        if not path.is_file():
+            raise CimHilError(f"no checkpoint to resume from at {path}")
+        try:
+            state = torch.load(path, weights_only=False)
+        except Exception as error:  # a damaged file is a user-facing problem, not a traceback
+            raise CimHilError(f"checkpoint {path} cannot be read: {error}") from None
+        trainer = cls(validate(TrainConfig, state["config"]), data, out_dir, progress)
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        if trainer.board is not None:
+            trainer.board.load_state_dict(state["board"])
+        trainer.shuffle.set_state(state["shuffle"])
+        torch.set_rng_state(state["torch_rng"])
+        trainer.epoch, trainer.history = state["epoch"], state["history"]
+        return trainer

@@ -1,0 +1,210 @@
+"""Analog layers, the mixed-precision updater and the trainer."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cim_hil import open_board
+from cim_hil.emulator import build_emulator
+from cim_hil.errors import CimHilError
+from cim_hil.nn import AnalogConv2d, AnalogLinear, MappingConfig, convert_to_analog
+from cim_hil.training import MixedPrecisionOptimizer, TrainConfig, Trainer
+from cim_hil.training.mnist import load_mnist, read_idx
+from tests.conftest import IDEAL, make_config
+
+
+def ideal_board(tiles=8, levels=16):
+    device = {**IDEAL["device"], "levels": levels}
+    return build_emulator(make_config(device=device, periphery=IDEAL["periphery"], soc=dict(tiles=tiles)))
+
+
+@pytest.mark.parametrize("backward", ["analog", "digital"])
+def test_analog_gradients_equal_float_gradients_on_ideal_devices(backward):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 70))
+    analog = convert_to_analog(model, ideal_board(), MappingConfig(backward=backward))
+    assert isinstance(analog[0], AnalogConv2d) and isinstance(analog[3], AnalogLinear)
+    # The float twin holds exactly what was programmed (weights snap to device levels).
+    model[0].weight.data = analog[0].weight.detach().reshape(model[0].weight.shape).clone()
+    model[3].weight.data = analog[3].weight.detach().clone()
+    x = torch.randn(5, 2, 6, 6, requires_grad=True)
+    x_float = x.detach().clone().requires_grad_(True)
+    target = torch.randn(5, 70)
+    F.mse_loss(analog(x), target).backward()
+    F.mse_loss(model(x_float), target).backward()
+    assert torch.allclose(analog(x), model(x_float), atol=1e-4)
+    assert torch.allclose(x.grad, x_float.grad, atol=1e-5)
+    assert torch.allclose(analog[3].weight.grad, model[3].weight.grad, atol=1e-5)
+    assert torch.allclose(analog[0].weight.grad.reshape(model[0].weight.shape), model[0].weight.grad, atol=1e-5)
+    assert torch.allclose(analog[3].bias.grad, model[3].bias.grad, atol=1e-6)
+
+
+def test_layer_spans_several_tiles_and_sums_partial_products():
+    layer = nn.Linear(150, 70)  # 3 x 2 blocks of 64 x 64
+    board = ideal_board(tiles=6)
+    analog = convert_to_analog(nn.Sequential(layer), board)[0]
+    x = torch.randn(4, 150)
+    assert torch.allclose(analog(x), x @ analog.weight.T + analog.bias, atol=1e-4)
+    assert all(tile.counters.products == 4 for tile in board)
+
+
+def test_model_needing_more_tiles_than_the_board_has_is_refused_with_the_count():
+    model = nn.Sequential(nn.Linear(200, 100))  # 4 x 2 = 8 tiles
+    with pytest.raises(CimHilError, match="needs 8 tiles of 64x64.*has 4"):
+        convert_to_analog(model, open_board("emulator:"))
+
+
+def one_layer(tiles_config=None, mapping=None):
+    board = build_emulator(tiles_config or make_config(soc=dict(tiles=1)))
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 4, bias=False))
+    model = convert_to_analog(model, board, mapping or MappingConfig())
+    return model, board
+
+
+def step_with_gradient(model, optimizer, grad):
+    optimizer.zero_grad()
+    model[0].weight.grad = grad.clone()
+    optimizer.step()
+
+
+def test_chi_is_conserved_when_a_device_at_its_bound_refuses():
+    model, _ = one_layer()
+    layer = model[0]
+    optimizer = MixedPrecisionOptimizer(model, lr=1.0, rule="sgd")
+    with torch.no_grad():
+        layer.levels.fill_(layer.mapping.high)  # host view: every device at the top level
+    push_up = -torch.full_like(layer.weight, 3.5 * layer.granularity)
+    step_with_gradient(model, optimizer, push_up)
+    chi = optimizer.state[layer.weight]["chi"]
+    # Nothing could be applied, so the whole update is still owed.
+    assert torch.allclose(chi, torch.full_like(chi, 3.5 * layer.granularity))
+    assert int(optimizer.state[layer.weight]["writes"].sum()) == 0
+    # Pushing back down applies steps, and chi drops by exactly what was applied.
+    before_weight = layer.weight.detach().clone()
+    step_with_gradient(model, optimizer, -push_up * 2)
+    applied = layer.weight.detach() - before_weight
+    assert torch.allclose(chi + applied, torch.full_like(chi, -3.5 * layer.granularity), atol=1e-6)
+
+
+def test_chi_is_conserved_when_write_verify_fails():
+    config = make_config(soc=dict(tiles=1), device=dict(stuck_fraction=0.5))
+    model, board = one_layer(config)
+    layer = model[0]
+    optimizer = MixedPrecisionOptimizer(model, lr=1.0, rule="sgd")
+    total = torch.zeros_like(layer.weight)
+    start = layer.weight.detach().clone()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        grad = torch.randn(layer.weight.shape, generator=generator) * 2 * layer.granularity
+        total -= grad
+        step_with_gradient(model, optimizer, grad)
+    chi = optimizer.state[layer.weight]["chi"]
+    # Every update is either applied (the host's weight moved) or still in chi: none lost, none twice.
+    assert torch.allclose(layer.weight.detach() - start + chi, total, atol=1e-5)
+    assert board[0].devices.stuck[:8, :4].any()
+
+
+def test_pulse_programming_accounts_for_applied_pulses():
+    model, board = one_layer(mapping=MappingConfig(programming="pulses"))
+    layer = model[0]
+    optimizer = MixedPrecisionOptimizer(model, lr=1.0, rule="sgd")
+    start = layer.weight.detach().clone()
+    grad = torch.zeros_like(layer.weight)
+    grad[0, 0] = -2.2 * layer.granularity  # two pulses up, 0.2 left over
+    pulses_before = board.counters.pulses
+    step_with_gradient(model, optimizer, grad)
+    assert board.counters.pulses - pulses_before == 2
+    assert float(layer.weight[0, 0] - start[0, 0]) == pytest.approx(2 * layer.granularity)
+    assert float(optimizer.state[layer.weight]["chi"][0, 0]) == pytest.approx(0.2 * layer.granularity, rel=1e-4)
+
+
+def test_differential_mapping_uses_both_devices():
+    board = ideal_board(tiles=1)
+    analog = convert_to_analog(nn.Sequential(nn.Linear(10, 5)), board, MappingConfig(differential=True))[0]
+    x = torch.randn(3, 10)
+    assert torch.allclose(analog(x), x @ analog.weight.T + analog.bias, atol=1e-4)
+    assert analog.mapping.low == -15 and analog.mapping.high == 15
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_mnist()
+
+
+def small(**overrides):
+    return TrainConfig(train_limit=160, test_limit=100, epochs=2, batch_size=32, **overrides)
+
+
+def test_checkpoint_then_resume_continues_bit_for_bit(mnist, tmp_path):
+    straight = Trainer(small(), mnist, tmp_path / "straight", progress=False)
+    straight.fit()
+    interrupted = Trainer(small(), mnist, tmp_path / "resumed", progress=False)
+    interrupted.fit(1)
+    del interrupted
+    resumed = Trainer.resume(tmp_path / "resumed", mnist, progress=False)
+    assert resumed.epoch == 1
+    resumed.fit()
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    chi = lambda t: [s["chi"] for s in t.optimizer.state.values() if "chi" in s]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(chi(straight), chi(resumed)))
+    assert torch.equal(straight.board[5].devices.g, resumed.board[5].devices.g)
+    drop_time = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]  # noqa: E731
+    assert drop_time(straight.history) == drop_time(resumed.history)
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(mnist, tmp_path):
+    with pytest.raises(CimHilError, match="no checkpoint"):
+        Trainer.resume(tmp_path, mnist)
+
+
+def test_lenet_learns_on_the_emulator_well_above_chance(mnist, tmp_path):
+    """The CI run of the main job: a shortened but real mixed-precision training of LeNet-5."""
+    config = TrainConfig(train_limit=2000, test_limit=1000, epochs=2)
+    trainer = Trainer(config, mnist, tmp_path, progress=False)
+    history = trainer.fit()
+    assert history[-1]["test_acc"] > 0.6  # chance is 0.1
+    assert history[-1]["write_reduction"] > 10
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_cli_train_writes_a_run_and_errors_are_one_line(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "cim_hil.cli", "train", "--train-limit", "64", "--test-limit", "50",
+         "--epochs", "1", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["epochs"] == 1 and 0 <= summary["test_acc"] <= 1
+    assert {p.name for p in out.iterdir()} >= {"metrics.jsonl", "curves.png", "checkpoint.pt"}
+    bad = subprocess.run(
+        [sys.executable, "-m", "cim_hil.cli", "train", "--board", "nowhere:", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 2
+    assert "no driver for board URL 'nowhere:'" in bad.stderr and "Traceback" not in bad.stderr
+    bad_epochs = subprocess.run(
+        [sys.executable, "-m", "cim_hil.cli", "train", "--epochs", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert bad_epochs.returncode == 2 and "epochs" in bad_epochs.stderr and "Traceback" not in bad_epochs.stderr
+
+
+def test_idx_reader_rejects_truncated_files(tmp_path):
+    good = tmp_path / "t.idx"
+    good.write_bytes(bytes([0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 3]) + bytes(range(6)))
+    assert read_idx(good).tolist() == [[0, 1, 2], [3, 4, 5]]
+    cut = tmp_path / "cut.idx"
+    cut.write_bytes(good.read_bytes()[:-1])
+    with pytest.raises(CimHilError, match="truncated"):
+        read_idx(cut)
