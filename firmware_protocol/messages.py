@@ -1,0 +1,489 @@
+"""The message catalogue: typed messages <-> payload bytes (all little-endian; SPEC.md §4).
+
+Bulk fields are numpy arrays. A payload may exceed one frame's MAX_PAYLOAD: the link layer
+splits it into fragments (``fragments``) and reassembles it (``Reassembler``), SPEC.md §3.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, fields
+from enum import IntEnum
+from typing import ClassVar
+
+import numpy as np
+
+from firmware_protocol.errors import PayloadError, ProtocolError, UnknownMessageError
+from firmware_protocol.framing import FLAG_MORE, MAX_PAYLOAD, Frame
+
+
+class ErrorCode(IntEnum):
+    BAD_CRC = 1
+    UNKNOWN_MESSAGE = 2
+    BAD_LENGTH = 3
+    OUT_OF_RANGE = 4
+    BUSY = 5
+    INTERNAL = 6
+    UNSUPPORTED_VERSION = 7
+    NO_PENDING_REPLY = 8
+    UNSUPPORTED = 9
+
+
+class Capabilities(IntEnum):
+    """Bits of INFO.capabilities; names match ``cim_hil.tile.Capability``."""
+
+    analog_products = 0x01
+    transpose = 0x02
+    pulses = 0x04
+    write_verify = 0x08
+    reference = 0x10
+
+
+REGISTRY: dict[int, type["Message"]] = {}
+
+
+def _array(payload: bytes, offset: int, dtype: str, shape: tuple[int, ...], what: str) -> np.ndarray:
+    count = math.prod(shape)
+    size = np.dtype(dtype).itemsize * count
+    if len(payload) - offset != size:
+        raise PayloadError(f"{what}: expected {size} bytes of data for shape {shape}, got {len(payload) - offset}")
+    return np.frombuffer(payload, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
+
+
+def _head(fmt: struct.Struct, payload: bytes, what: str) -> tuple:
+    if len(payload) < fmt.size:
+        raise PayloadError(f"{what}: payload of {len(payload)} bytes is shorter than its {fmt.size}-byte header")
+    return fmt.unpack_from(payload)
+
+
+def _code_dtype(code_bytes: int, what: str) -> str:
+    if code_bytes not in (1, 2):
+        raise PayloadError(f"{what}: code_bytes must be 1 or 2, got {code_bytes}")
+    return "<i1" if code_bytes == 1 else "<i2"
+
+
+@dataclass(frozen=True, eq=False)
+class Message:
+    TYPE: ClassVar[int]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        REGISTRY[cls.TYPE] = cls
+
+    def encode(self) -> bytes:
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "Message":
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+                if a.dtype != b.dtype or not np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
+                    return False
+            elif a != b and not (isinstance(a, float) and math.isnan(a) and math.isnan(b)):
+                return False
+        return True
+
+
+def _simple(fmt: str, *names: str):
+    """A message made only of fixed-width fields."""
+    layout = struct.Struct("<" + fmt)
+
+    def encode(self) -> bytes:
+        try:
+            return layout.pack(*(getattr(self, n) for n in names))
+        except struct.error as error:
+            raise ProtocolError(f"{type(self).__name__}: {error}") from None
+
+    @classmethod
+    def decode(cls, payload: bytes):
+        if len(payload) != layout.size:
+            raise PayloadError(f"{cls.__name__}: payload must be {layout.size} bytes, got {len(payload)}")
+        return cls(*layout.unpack(payload))
+
+    return encode, decode
+
+
+@dataclass(frozen=True, eq=False)
+class Hello(Message):
+    TYPE = 0x01
+    protocol_version: int
+    encode, decode = _simple("B", "protocol_version")
+
+
+@dataclass(frozen=True, eq=False)
+class Info(Message):
+    TYPE = 0x81
+    protocol_version: int
+    firmware_major: int
+    firmware_minor: int
+    firmware_patch: int
+    tiles: int
+    rows: int
+    cols: int
+    input_bits: int
+    output_bits: int
+    levels: int
+    capabilities: int
+    clock_hz: int
+    g_min_us: float
+    g_max_us: float
+    v_read: float
+    forward_lsb_ua: float
+    backward_lsb_ua: float
+    read_lsb_us: float
+    max_payload: int
+    max_pulses_per_call: int
+    default_tolerance_us: float
+    default_max_trials: int
+    encode, decode = _simple("BBBBHHHBBHBxIffffffHHfH",
+        "protocol_version", "firmware_major", "firmware_minor", "firmware_patch", "tiles", "rows", "cols",
+        "input_bits", "output_bits", "levels", "capabilities", "clock_hz", "g_min_us", "g_max_us", "v_read",
+        "forward_lsb_ua", "backward_lsb_ua", "read_lsb_us", "max_payload", "max_pulses_per_call",
+        "default_tolerance_us", "default_max_trials",
+    )
+
+
+_PRODUCT_HEAD = struct.Struct("<BBBxH")  # tile, flags, code_bytes, pad, batch
+
+
+def _products_encode(self) -> bytes:
+    codes = np.ascontiguousarray(self.codes)
+    if codes.ndim != 2 or codes.dtype not in (np.int8, np.int16):
+        raise ProtocolError(f"{type(self).__name__}: codes must be a 2-D int8 or int16 array")
+    head = _PRODUCT_HEAD.pack(self.tile, int(self.transpose), codes.dtype.itemsize, codes.shape[0])
+    return head + codes.astype(codes.dtype.newbyteorder("<")).tobytes()
+
+
+def _products_decode(cls, payload: bytes):
+    tile, flags, code_bytes, batch = _head(_PRODUCT_HEAD, payload, cls.__name__)
+    dtype = _code_dtype(code_bytes, cls.__name__)
+    data = len(payload) - _PRODUCT_HEAD.size
+    if batch == 0 or data % (batch * code_bytes):
+        raise PayloadError(f"{cls.__name__}: {data} data bytes do not split into {batch} samples")
+    width = data // (batch * code_bytes)
+    codes = _array(payload, _PRODUCT_HEAD.size, dtype, (batch, width), cls.__name__)
+    return cls(tile, bool(flags & 1), codes.astype(np.dtype(dtype).newbyteorder("=")))
+
+
+@dataclass(frozen=True, eq=False)
+class Forward(Message):
+    """A batch of signed input codes (batch, width); transpose=True runs the transposed array."""
+
+    TYPE = 0x02
+    tile: int
+    transpose: bool
+    codes: np.ndarray
+    encode = _products_encode
+    decode = classmethod(_products_decode)
+
+
+@dataclass(frozen=True, eq=False)
+class Products(Message):
+    """The ADC codes (batch, outputs) of a Forward."""
+
+    TYPE = 0x82
+    tile: int
+    transpose: bool
+    codes: np.ndarray
+    encode = _products_encode
+    decode = classmethod(_products_decode)
+
+
+_WINDOW = struct.Struct("<BBHHHH")  # tile, array, r0, r1, c0, c1
+
+
+@dataclass(frozen=True, eq=False)
+class ReadMap(Message):
+    """Read a window of the weight (array 0) or reference (array 1) devices."""
+
+    TYPE = 0x03
+    tile: int
+    array: int
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    encode, decode = _simple("BBHHHH", "tile", "array", "r0", "r1", "c0", "c1")
+
+
+@dataclass(frozen=True, eq=False)
+class Map(Message):
+    """Conductance read codes (u16, value = code x INFO.read_lsb_us) of a window, row-major."""
+
+    TYPE = 0x83
+    tile: int
+    array: int
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    codes: np.ndarray
+
+    def encode(self) -> bytes:
+        head = _WINDOW.pack(self.tile, self.array, self.r0, self.r1, self.c0, self.c1)
+        return head + np.ascontiguousarray(self.codes, dtype="<u2").tobytes()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "Map":
+        tile, array, r0, r1, c0, c1 = _head(_WINDOW, payload, "Map")
+        if r1 < r0 or c1 < c0:
+            raise PayloadError(f"Map: inverted window rows {r0}..{r1}, cols {c0}..{c1}")
+        codes = _array(payload, _WINDOW.size, "<u2", (r1 - r0, c1 - c0), "Map")
+        return cls(tile, array, r0, r1, c0, c1, codes.astype(np.uint16))
+
+
+_SPARSE_HEAD = struct.Struct("<BxH")
+_SPARSE_ENTRY = np.dtype([("row", "<u2"), ("col", "<u2"), ("pulses", "<i2")])
+
+
+@dataclass(frozen=True, eq=False)
+class PulsesSparse(Message):
+    """Signed pulse counts for listed devices: entries (row, col, pulses)."""
+
+    TYPE = 0x04
+    tile: int
+    rows: np.ndarray
+    cols: np.ndarray
+    pulses: np.ndarray
+
+    def encode(self) -> bytes:
+        entries = np.zeros(len(self.rows), dtype=_SPARSE_ENTRY)
+        entries["row"], entries["col"], entries["pulses"] = self.rows, self.cols, self.pulses
+        return _SPARSE_HEAD.pack(self.tile, len(entries)) + entries.tobytes()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "PulsesSparse":
+        tile, count = _head(_SPARSE_HEAD, payload, "PulsesSparse")
+        entries = _array(payload, _SPARSE_HEAD.size, _SPARSE_ENTRY, (count,), "PulsesSparse")
+        return cls(tile, entries["row"].astype(np.uint16), entries["col"].astype(np.uint16), entries["pulses"].astype(np.int16))
+
+
+_MATRIX_HEAD = struct.Struct("<BBHH")  # tile, kind/array, rows, cols
+
+
+def _matrix_message(name: str, dtype: str, kind_field: str):
+    """A message carrying one (rows, cols) matrix of ``dtype`` after a tile/kind/shape header."""
+
+    def encode(self) -> bytes:
+        values = np.ascontiguousarray(self.values, dtype=dtype)
+        return _MATRIX_HEAD.pack(self.tile, getattr(self, kind_field), *values.shape) + values.tobytes()
+
+    @classmethod
+    def decode(cls, payload: bytes):
+        tile, kind, rows, cols = _head(_MATRIX_HEAD, payload, name)
+        values = _array(payload, _MATRIX_HEAD.size, dtype, (rows, cols), name)
+        return cls(tile, kind, values.astype(np.dtype(dtype).newbyteorder("=")))
+
+    return encode, decode
+
+
+@dataclass(frozen=True, eq=False)
+class PulsesDense(Message):
+    """Signed pulse counts for every device of the tile (rows, cols), int16."""
+
+    TYPE = 0x05
+    tile: int
+    reserved: int
+    values: np.ndarray
+    encode, decode = _matrix_message("PulsesDense", "<i2", "reserved")
+
+
+@dataclass(frozen=True, eq=False)
+class PulsesApplied(Message):
+    """The pulses actually applied: kind 0 answers PulsesSparse (shape 1 x count, in its
+    order), kind 1 answers PulsesDense (rows x cols)."""
+
+    TYPE = 0x84
+    tile: int
+    kind: int
+    values: np.ndarray
+    encode, decode = _matrix_message("PulsesApplied", "<i2", "kind")
+
+
+_PROGRAM_HEAD = struct.Struct("<BBHfHH")  # tile, array, max_trials, tolerance_us, rows, cols
+
+
+@dataclass(frozen=True, eq=False)
+class Program(Message):
+    """Write-verify devices of one array to target conductances (f32 uS; NaN = leave alone)."""
+
+    TYPE = 0x06
+    tile: int
+    array: int
+    max_trials: int
+    tolerance_us: float
+    targets: np.ndarray
+
+    def encode(self) -> bytes:
+        targets = np.ascontiguousarray(self.targets, dtype="<f4")
+        head = _PROGRAM_HEAD.pack(self.tile, self.array, self.max_trials, self.tolerance_us, *targets.shape)
+        return head + targets.tobytes()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "Program":
+        tile, array, trials, tolerance, rows, cols = _head(_PROGRAM_HEAD, payload, "Program")
+        targets = _array(payload, _PROGRAM_HEAD.size, "<f4", (rows, cols), "Program")
+        return cls(tile, array, trials, tolerance, targets.astype(np.float32))
+
+
+_REPORT_ENTRY = np.dtype([("reached_us", "<f4"), ("trials", "<u2"), ("failed", "u1")])
+
+
+@dataclass(frozen=True, eq=False)
+class ProgramReport(Message):
+    """Per device: last verify read (NaN if not programmed), trials used, failed flag."""
+
+    TYPE = 0x86
+    tile: int
+    array: int
+    reached_us: np.ndarray
+    trials: np.ndarray
+    failed: np.ndarray
+
+    def encode(self) -> bytes:
+        entries = np.zeros(self.reached_us.shape, dtype=_REPORT_ENTRY)
+        entries["reached_us"], entries["trials"], entries["failed"] = self.reached_us, self.trials, self.failed
+        return _MATRIX_HEAD.pack(self.tile, self.array, *entries.shape) + entries.tobytes()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "ProgramReport":
+        tile, array, rows, cols = _head(_MATRIX_HEAD, payload, "ProgramReport")
+        entries = _array(payload, _MATRIX_HEAD.size, _REPORT_ENTRY, (rows, cols), "ProgramReport")
+        return cls(
+            tile, array, entries["reached_us"].astype(np.float32), entries["trials"].astype(np.uint16),
+            entries["failed"].astype(bool),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class ReadCounters(Message):
+    TYPE = 0x07
+    tile: int
+    encode, decode = _simple("B", "tile")
+
+
+@dataclass(frozen=True, eq=False)
+class CountersReply(Message):
+    TYPE = 0x87
+    tile: int
+    cycles: int
+    products: int
+    transpose_products: int
+    pulses: int
+    device_reads: int
+    verify_trials: int
+    energy_nj: float
+    encode, decode = _simple("BxxxxxxxQQQQQQd",
+        "tile", "cycles", "products", "transpose_products", "pulses", "device_reads", "verify_trials", "energy_nj",
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Reset(Message):
+    """mode 0: zero the counters; mode 1: the whole board to its power-on state."""
+
+    TYPE = 0x08
+    mode: int
+    encode, decode = _simple("B", "mode")
+
+
+@dataclass(frozen=True, eq=False)
+class Next(Message):
+    """Ask for the next fragment of a reply whose last fragment had MORE set."""
+
+    TYPE = 0x09
+    encode, decode = _simple("")
+
+
+@dataclass(frozen=True, eq=False)
+class Ack(Message):
+    """Receipt of a request fragment (MORE set), or completion of Reset."""
+
+    TYPE = 0x80
+    acked_type: int
+    encode, decode = _simple("B", "acked_type")
+
+
+_ERROR_HEAD = struct.Struct("<BB")
+
+
+@dataclass(frozen=True, eq=False)
+class Error(Message):
+    """A refused request: a numbered code, the request type, and a UTF-8 explanation."""
+
+    TYPE = 0xFF
+    code: int
+    request_type: int
+    text: str = ""
+
+    def encode(self) -> bytes:
+        return _ERROR_HEAD.pack(self.code, self.request_type) + self.text.encode("utf-8")
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "Error":
+        code, request_type = _head(_ERROR_HEAD, payload, "Error")
+        try:
+            text = payload[_ERROR_HEAD.size :].decode("utf-8")
+        except UnicodeDecodeError:
+            raise PayloadError("Error: text is not UTF-8") from None
+        return cls(code, request_type, text)
+
+
+def decode_message(type_code: int, payload: bytes) -> Message:
+    """The typed message of a reassembled payload; only ProtocolError subclasses escape."""
+    cls = REGISTRY.get(type_code)
+    if cls is None:
+        raise UnknownMessageError(f"unknown message type {type_code:#04x}")
+    try:
+        return cls.decode(payload)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, struct.error, OverflowError) as error:
+        raise PayloadError(f"{cls.__name__}: {error}") from None
+
+
+def fragments(message: Message, first_seq: int, max_payload: int = MAX_PAYLOAD) -> list[Frame]:
+    """The frames that carry ``message``: payload cut into max_payload pieces, MORE on all but
+    the last, consecutive sequence numbers (mod 2^16). An empty payload is one frame."""
+    payload = message.encode()
+    pieces = [payload[i : i + max_payload] for i in range(0, len(payload), max_payload)] or [b""]
+    return [
+        Frame(message.TYPE, (first_seq + i) & 0xFFFF, piece, FLAG_MORE if i < len(pieces) - 1 else 0)
+        for i, piece in enumerate(pieces)
+    ]
+
+
+class Reassembler:
+    """Collects the fragments of one message; ``add`` returns the message when it is whole."""
+
+    def __init__(self, limit: int = 64 * 1024 * 1024) -> None:
+        self.limit = limit
+        self._type: int | None = None
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def add(self, frame: Frame) -> Message | None:
+        if self._type is not None and frame.type != self._type:
+            self.reset()
+            raise PayloadError(f"fragment of type {frame.type:#04x} inside a message of type {self._type:#04x}")
+        self._type = frame.type
+        self._parts.append(frame.payload)
+        self._size += len(frame.payload)
+        if self._size > self.limit:
+            self.reset()
+            raise PayloadError(f"reassembled message exceeds {self.limit} bytes")
+        if frame.more:
+            return None
+        payload, kind = b"".join(self._parts), self._type
+        self.reset()
+        return decode_message(kind, payload)
+
+    def reset(self) -> None:
+        self._type, self._parts, self._size = None, [], 0

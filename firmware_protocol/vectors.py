@@ -1,0 +1,114 @@
+"""Golden test vectors: example messages, their fields as JSON and their exact wire frames.
+
+``python -m firmware_protocol.vectors`` rewrites vectors/v1.json from ``EXAMPLES``; the tests
+check the committed file both ways, and a C implementation can check itself against it.
+Arrays are written as {"dtype", "shape", "data"} with NaN as null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from firmware_protocol import messages as m
+from firmware_protocol.framing import decode_frame, encode_frame
+
+PATH = Path(__file__).parent / "vectors" / "v1.json"
+
+
+def _examples() -> list[tuple[str, int, m.Message]]:
+    grid = np.arange(-6, 6, dtype=np.int16).reshape(3, 4)
+    targets = np.full((4, 4), np.nan, dtype=np.float32)
+    targets[0, 0], targets[2, 3] = 12.5, 30.0
+    big_targets = np.linspace(7.6, 31.3, 16 * 16, dtype=np.float32).reshape(16, 16)
+    return [
+        ("hello", 1, m.Hello(1)),
+        ("info", 2, m.Info(1, 0, 1, 0, 4, 64, 64, 8, 8, 16, 31, 100_000_000, 7.5, 31.25, 0.125, 0.25, 0.25,
+                             0.125, 1024, 1000, 0.75, 20)),
+        ("forward", 3, m.Forward(0, False, np.array([[1, -2, 3], [127, -127, 0]], dtype=np.int8))),
+        ("forward_transpose_16bit", 4, m.Forward(2, True, np.array([[1000, -1000]], dtype=np.int16))),
+        ("products", 3, m.Products(0, False, np.array([[5, -5], [0, 127]], dtype=np.int8))),
+        ("read_map", 5, m.ReadMap(1, 0, 0, 2, 3, 5)),
+        ("map", 5, m.Map(1, 0, 0, 2, 3, 5, np.array([[100, 200], [300, 65535]], dtype=np.uint16))),
+        ("read_reference_map", 6, m.ReadMap(1, 1, 0, 64, 0, 64)),
+        ("pulses_sparse", 7, m.PulsesSparse(3, np.array([0, 63], np.uint16), np.array([1, 2], np.uint16),
+                                            np.array([5, -3], np.int16))),
+        ("pulses_dense", 8, m.PulsesDense(0, 0, grid)),
+        ("pulses_applied_sparse", 7, m.PulsesApplied(3, 0, np.array([[5, -3]], dtype=np.int16))),
+        ("pulses_applied_dense", 8, m.PulsesApplied(0, 1, grid)),
+        ("program", 9, m.Program(0, 0, 20, 0.75, targets)),
+        ("program_reference_fragmented", 65535, m.Program(1, 1, 10, 0.5, big_targets)),
+        ("program_report", 9, m.ProgramReport(0, 0, np.where(np.isnan(targets), np.nan, targets + 0.25).astype(np.float32),
+                                              (~np.isnan(targets)).astype(np.uint16) * 3,
+                                              np.zeros((4, 4), dtype=bool))),
+        ("read_counters", 10, m.ReadCounters(2)),
+        ("counters", 10, m.CountersReply(2, 72, 1, 0, 4096, 1024, 300, 2.66)),
+        ("reset", 11, m.Reset(0)),
+        ("next", 12, m.Next()),
+        ("ack", 12, m.Ack(0x06)),
+        ("error", 13, m.Error(m.ErrorCode.OUT_OF_RANGE, 0x06, "target 80 uS outside [7.6, 31.3]")),
+    ]
+
+
+EXAMPLES = _examples()
+
+
+def to_json(message: m.Message) -> dict:
+    out = {}
+    for f in fields(message):
+        value = getattr(message, f.name)
+        if isinstance(value, np.ndarray):
+            data = [None if isinstance(v, float) and math.isnan(v) else v for v in value.ravel().tolist()]
+            out[f.name] = {"dtype": value.dtype.name, "shape": list(value.shape), "data": data}
+        else:
+            out[f.name] = int(value) if isinstance(value, (bool, np.integer)) and not isinstance(value, bool) else value
+    return out
+
+
+def from_json(type_code: int, values: dict) -> m.Message:
+    cls = m.REGISTRY[type_code]
+    kwargs = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            data = [np.nan if v is None else v for v in value["data"]]
+            kwargs[name] = np.array(data, dtype=value["dtype"]).reshape(value["shape"])
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def build() -> list[dict]:
+    vectors = []
+    for name, seq, message in EXAMPLES:
+        frames = m.fragments(message, seq)
+        vectors.append({
+            "name": name,
+            "message": type(message).__name__,
+            "type": message.TYPE,
+            "first_seq": seq,
+            "fields": to_json(message),
+            "payload_hex": message.encode().hex(),
+            "frames_hex": [encode_frame(frame).hex() for frame in frames],
+        })
+    return vectors
+
+
+def check(vectors: list[dict]) -> None:
+    """Both directions: fields encode to the frames, frames decode to the fields."""
+    for vector in vectors:
+        message = from_json(vector["type"], vector["fields"])
+        frames = m.fragments(message, vector["first_seq"])
+        assert [encode_frame(f).hex() for f in frames] == vector["frames_hex"], vector["name"]
+        reassembler = m.Reassembler()
+        decoded = [reassembler.add(decode_frame(bytes.fromhex(h)[1:-1])) for h in vector["frames_hex"]]
+        assert decoded[-1] == message and all(d is None for d in decoded[:-1]), vector["name"]
+        assert to_json(decoded[-1]) == vector["fields"], vector["name"]
+
+
+if __name__ == "__main__":
+    PATH.write_text(json.dumps({"protocol_version": 1, "vectors": build()}, indent=1) + "\n")
+    print(f"wrote {len(EXAMPLES)} vectors to {PATH}")
