@@ -40,7 +40,7 @@ class TrainConfig(_Strict):
     float_baseline: bool = Field(False, description="train in float32 on the host instead")
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
+    lr: float = Field(3e-3, gt=0.0, description="3e-3: the mixed-precision updater needs updates that reach epsilon")
     rule: Literal["sgd", "adam"] = "adam"
     seed: int = Field(0, ge=0)
     train_limit: int | None = Field(None, ge=1, description="use only the first N training digits")
