@@ -6,6 +6,7 @@ one run. Prints one JSON object.
 """
 
 import json
+import statistics
 import sys
 import tempfile
 
@@ -16,7 +17,7 @@ from cim_hil.training.mnist import load_mnist
 def run(config: TrainConfig, data, out_dir: str) -> tuple[dict, float, Trainer]:
     trainer = Trainer(config, data, out_dir, progress=False)
     history = trainer.fit()
-    seconds = sum(row["train_seconds"] for row in history) / len(history)
+    seconds = statistics.median(row["train_seconds"] for row in history)  # robust to warm-up
     return history[-1], seconds, trainer
 
 

@@ -120,7 +120,7 @@ def test_pulse_programming_accounts_for_applied_pulses():
     pulses_before = board.counters.pulses
     step_with_gradient(model, optimizer, grad)
     assert board.counters.pulses - pulses_before == 2
-    assert float(layer.weight[0, 0] - start[0, 0]) == pytest.approx(2 * layer.granularity)
+    assert (layer.weight[0, 0].item() - start[0, 0].item()) == pytest.approx(2 * layer.granularity)
     assert float(optimizer.state[layer.weight]["chi"][0, 0]) == pytest.approx(0.2 * layer.granularity, rel=1e-4)
 
 

@@ -28,6 +28,11 @@ class MappingConfig(_Strict):
     pulse_step_us: float | None = Field(
         None, gt=0.0, description="nominal conductance change of one pulse; default: a level spacing"
     )
+    reference: Literal["middle", "calibrated"] = Field(
+        "middle",
+        description="pulses: program references to mid-range, or keep them as calibration "
+        "(zero-shift) left them and program weights relative to each device's reference",
+    )
     backward: Literal["auto", "analog", "digital"] = Field(
         "auto", description="transpose products on the tile, or on the host from its weight copy"
     )

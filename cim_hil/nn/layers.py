@@ -48,7 +48,6 @@ class AnalogLayer(nn.Module):
             self.register_buffer("levels", levels)
             self.weight = nn.Parameter(self.mapping.weights_for(levels))
         else:
-            self.mapping.program_reference_to_middle()
             self.register_buffer("levels", None)
             self.weight = nn.Parameter(self.mapping.program_weights_open_loop(initial))
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None

@@ -58,6 +58,10 @@ class TileMapping:
             needed.add(Capability.PULSES)
             if config.differential:
                 raise ConfigError("mapping.differential needs programming = 'write_verify'")
+        elif config.reference == "calibrated":
+            raise ConfigError("mapping.reference = 'calibrated' needs programming = 'pulses'")
+        if config.reference == "calibrated":
+            needed.add(Capability.REFERENCE)
         if config.differential or spec.supports(Capability.REFERENCE):
             needed.add(Capability.REFERENCE)
         if config.backward == "analog":
@@ -157,17 +161,18 @@ class TileMapping:
                 applied[outs, ins] = self._off_tile(done, block.shape)
         return applied
 
-    def program_reference_to_middle(self) -> None:
-        """Pulse mode: references at mid-range until calibration zero-shifts them."""
-        if not self.spec.supports(Capability.REFERENCE):
-            return
-        middle = self._conductance(torch.tensor(self.ref_level))
-        for tile, _, _ in self._blocks():
-            tile.program_reference(torch.full((self.spec.rows, self.spec.cols), float(middle)))
-
-    def program_weights_open_loop(self, weights: torch.Tensor) -> torch.Tensor:
-        """Pulse mode start: write-verify each device to reference + W / scale; returns nominal W."""
-        reference = float(self._conductance(torch.tensor(self.ref_level)))
+    def program_weights_open_loop(self, weights: torch.Tensor, reference_reads: int = 8) -> torch.Tensor:
+        """Pulse mode start: write-verify each device to its reference + W / scale; returns the
+        nominal W. References go to mid-range first, unless they are kept as calibrated."""
+        middle = float(self._conductance(torch.tensor(self.ref_level)))
+        calibrated = self.config.reference == "calibrated"
+        reference = torch.full_like(weights, middle)
+        for tile, ins, outs in self._blocks():
+            if calibrated:
+                reads = torch.stack([tile.read_reference().float().cpu() for _ in range(reference_reads)])
+                reference[outs, ins] = self._off_tile(reads.mean(0), weights[outs, ins].shape)
+            elif self.spec.supports(Capability.REFERENCE):
+                tile.program_reference(torch.full((self.spec.rows, self.spec.cols), middle))
         targets = (reference + weights / self.scale).clamp(self.spec.g_min_us, self.spec.g_max_us)
         for tile, ins, outs in self._blocks():
             block = targets[outs, ins]
