@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibration import find_symmetry_points, zero_shift
-from cim_hil.emulator import build_emulator
 from cim_hil.config import EmulatorConfig, validate
+from cim_hil.emulator import build_emulator
 from cim_hil.nn import MappingConfig, convert_to_analog
 from cim_hil.training import MixedPrecisionOptimizer
 from cim_hil.training.mnist import load_mnist

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cim_hil import open_board
-from cim_hil.config import EmulatorConfig, load_config
+from cim_hil.config import load_config
 from cim_hil.emulator import build_emulator
 from cim_hil.errors import CapabilityError, ConfigError, ShapeError, UnsafeValueError
 from tests.conftest import IDEAL, make_config
