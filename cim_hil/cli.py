@@ -10,6 +10,7 @@ import torch
 
 from cim_hil.board import open_board
 from cim_hil.errors import CimHilError
+from cim_hil.tile import Capability
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -22,7 +23,7 @@ def _demo(args: argparse.Namespace) -> None:
         spec = tile.spec
         generator = torch.Generator().manual_seed(args.seed)
         middle = (spec.g_min_us + spec.g_max_us) / 2
-        if tile.spec.supports("reference"):
+        if tile.spec.supports(Capability.REFERENCE):
             tile.program_reference(torch.full((spec.rows, spec.cols), middle))
         targets = spec.g_min_us + (spec.g_max_us - spec.g_min_us) * torch.rand(
             spec.rows, spec.cols, generator=generator

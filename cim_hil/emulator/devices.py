@@ -16,9 +16,8 @@ from cim_hil.config import DeviceConfig
 class DeviceArray:
     """``rows x cols`` devices; ``g`` holds the true conductances (uS), unseen by the host."""
 
-    def __init__(
-        self, config: DeviceConfig, rows: int, cols: int, generator: torch.Generator, device: torch.device
-    ) -> None:
+    def __init__(self, config: DeviceConfig, rows: int, cols: int, generator: torch.Generator) -> None:
+        """Parameters are drawn from ``generator``, on its device (CPU or CUDA)."""
         self.config = config
         self.generator = generator
         self.shape = (rows, cols)

@@ -46,8 +46,8 @@ class EmulatedTile(Tile):
         )
         self.counters = Counters(clock_hz=config.timing.clock_hz)
         self.timing = TimingModel(config.timing, per, rows, cols)
-        self.devices = DeviceArray(dev, rows, cols, generator, device)
-        self.references = DeviceArray(dev, rows, cols, generator, device) if per.reference_devices else None
+        self.devices = DeviceArray(dev, rows, cols, generator)
+        self.references = DeviceArray(dev, rows, cols, generator) if per.reference_devices else None
         spacing = dev.level_spacing_us
         self.read_noise_us = dev.read_noise_levels * spacing
         self.programming_error_us = dev.programming_error_levels * spacing

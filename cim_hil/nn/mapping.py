@@ -60,9 +60,7 @@ class TileMapping:
                 raise ConfigError("mapping.differential needs programming = 'write_verify'")
         elif config.reference == "calibrated":
             raise ConfigError("mapping.reference = 'calibrated' needs programming = 'pulses'")
-        if config.reference == "calibrated":
-            needed.add(Capability.REFERENCE)
-        if config.differential or spec.supports(Capability.REFERENCE):
+        if config.differential or config.reference == "calibrated":
             needed.add(Capability.REFERENCE)
         if config.backward == "analog":
             needed.add(Capability.TRANSPOSE)
