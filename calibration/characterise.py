@@ -16,10 +16,9 @@ from pydantic import Field
 from tqdm import tqdm
 
 from calibration.results import CalibrationResult, ResultMetadata
-from calibration.symmetry import averaged_read
 from cim_hil.config import DeviceConfig, EmulatorConfig, _Strict, validate
 from cim_hil.errors import UnsafeValueError
-from cim_hil.tile import Capability, Tile
+from cim_hil.tile import Capability, Tile, averaged_read
 
 
 class CharacterisationConfig(_Strict):
@@ -40,10 +39,10 @@ def pulse_response(tile: Tile, config: CharacterisationConfig | None = None, pro
         tile.apply_pulses(torch.full(shape, -chunk, dtype=torch.int64))
         remaining -= chunk
     one = torch.ones(shape, dtype=torch.int64)
-    curve = [averaged_read(tile, config.reads)]
+    curve = [averaged_read(tile.read_conductances, config.reads)]
     for step in tqdm(range(2 * config.pulses), desc="pulse response", disable=not progress, leave=False):
         tile.apply_pulses(one if step < config.pulses else -one)
-        curve.append(averaged_read(tile, config.reads))
+        curve.append(averaged_read(tile.read_conductances, config.reads))
     return torch.stack(curve)
 
 

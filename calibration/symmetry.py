@@ -17,7 +17,7 @@ from tqdm import tqdm
 from calibration.results import CalibrationResult, ResultMetadata
 from cim_hil.config import _Strict
 from cim_hil.errors import UnsafeValueError
-from cim_hil.tile import Capability, Tile
+from cim_hil.tile import Capability, Tile, averaged_read
 
 
 class SymmetrySearchConfig(_Strict):
@@ -29,10 +29,6 @@ class SymmetrySearchConfig(_Strict):
     probe_pulses: int = Field(10, ge=1, description="pulses of the stuck-device probe")
 
 
-def averaged_read(tile: Tile, reads: int) -> torch.Tensor:
-    return torch.stack([tile.read_conductances().float().cpu() for _ in range(reads)]).mean(0)
-
-
 def find_stuck(tile: Tile, config: SymmetrySearchConfig) -> tuple[torch.Tensor, float]:
     """Devices that move neither up nor down under a probe; also returns the read noise std."""
     reads = torch.stack([tile.read_conductances().float().cpu() for _ in range(max(config.reads_per_estimate, 2))])
@@ -41,9 +37,9 @@ def find_stuck(tile: Tile, config: SymmetrySearchConfig) -> tuple[torch.Tensor, 
     shape = (tile.spec.rows, tile.spec.cols)
     probe = torch.full(shape, config.probe_pulses, dtype=torch.int64)
     tile.apply_pulses(probe)
-    up = averaged_read(tile, config.reads_per_estimate)
+    up = averaged_read(tile.read_conductances, config.reads_per_estimate)
     tile.apply_pulses(-probe)
-    down = averaged_read(tile, config.reads_per_estimate)
+    down = averaged_read(tile.read_conductances, config.reads_per_estimate)
     resolution = 4 * read_noise / config.reads_per_estimate**0.5 + 1e-3 * tile.spec.level_spacing_us
     moved = ((up - start).abs() > resolution) | ((up - down).abs() > resolution)
     return ~moved, read_noise
@@ -58,7 +54,7 @@ def find_symmetry_points(tile: Tile, config: SymmetrySearchConfig | None = None,
     shape = (tile.spec.rows, tile.spec.cols)
     stuck, read_noise = find_stuck(tile, config)
     pair = torch.ones(shape, dtype=torch.int64)
-    previous = averaged_read(tile, config.reads_per_estimate)
+    previous = averaged_read(tile.read_conductances, config.reads_per_estimate)
     converged_at = torch.full(shape, -1, dtype=torch.int64)  # block index of convergence
     settled_sum = torch.zeros(shape)
     settled_sq = torch.zeros(shape)
@@ -73,7 +69,7 @@ def find_symmetry_points(tile: Tile, config: SymmetrySearchConfig | None = None,
             tile.apply_pulses(pair)
             tile.apply_pulses(-pair)
         pairs_used += config.pairs_per_block
-        estimate = averaged_read(tile, config.reads_per_estimate)
+        estimate = averaged_read(tile.read_conductances, config.reads_per_estimate)
         newly = (converged_at < 0) & ((estimate - previous).abs() < tolerance) & ~stuck
         converged_at[newly] = block
         settling = (converged_at >= 0) & (converged_at < block) & (settled_n < config.settle_blocks)

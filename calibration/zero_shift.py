@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 
 from calibration.results import CalibrationResult, ResultMetadata
-from calibration.symmetry import averaged_read
 from cim_hil.errors import CapabilityError
-from cim_hil.tile import Capability, Tile
+from cim_hil.tile import Capability, Tile, averaged_read
 
 
 def zero_shift(tile: Tile, symmetry: CalibrationResult, reads: int = 8, tile_index: int = 0,
@@ -21,8 +20,8 @@ def zero_shift(tile: Tile, symmetry: CalibrationResult, reads: int = 8, tile_ind
     usable = ~torch.isnan(estimates)
     targets = torch.where(usable, estimates, tile.spec.g_min_us).clamp(tile.spec.g_min_us, tile.spec.g_max_us)
     programmed = tile.program_reference(targets, mask=usable)
-    weights = averaged_read(tile, reads)
-    references = torch.stack([tile.read_reference().float().cpu() for _ in range(reads)]).mean(0)
+    weights = averaged_read(tile.read_conductances, reads)
+    references = averaged_read(tile.read_reference, reads)
     residual = torch.where(usable, weights - references, torch.nan)
     failed = programmed.failed.cpu() & usable
     ok = usable & ~failed

@@ -12,6 +12,7 @@ reports them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 
@@ -105,6 +106,12 @@ class ProgramResult:
     @property
     def n_attempted(self) -> int:
         return int((self.trials > 0).sum())
+
+
+def averaged_read(read: Callable[[], torch.Tensor], count: int) -> torch.Tensor:
+    """Mean, on the host, of ``count`` calls of ``read`` (a tile's ``read_conductances`` or
+    ``read_reference``): each read has fresh noise, so the mean's noise falls as 1/sqrt(count)."""
+    return torch.stack([read().float().cpu() for _ in range(count)]).mean(0)
 
 
 class Tile(ABC):

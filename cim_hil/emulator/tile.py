@@ -161,8 +161,9 @@ class EmulatedTile(Tile):
             reached = torch.where(pending, readback, reached)
             rows_pending = int(pending.any(dim=1).sum())
             self.counters.cycles += self.timing.verify_trial_cycles(rows_pending)
-            self.counters.energy_nj += self.timing.pulse_energy_nj(int(pending.sum()))
-            self.counters.pulses += int(pending.sum())
+            pulses = int(pending.sum())  # one programming pulse per pending device this trial
+            self.counters.energy_nj += self.timing.pulse_energy_nj(pulses)
+            self.counters.pulses += pulses
             self.counters.device_reads += rows_pending * self.spec.cols
             pending = pending & ((readback - targets).abs() > tolerance_us)
         self.counters.verify_trials += int(trials.sum())

@@ -17,7 +17,7 @@ import torch
 
 from cim_hil.errors import CapabilityError, ConfigError
 from cim_hil.nn.config import MappingConfig
-from cim_hil.tile import Capability, Tile
+from cim_hil.tile import Capability, Tile, averaged_read
 
 
 def tiles_needed(in_features: int, out_features: int, rows: int, cols: int) -> int:
@@ -167,8 +167,8 @@ class TileMapping:
         reference = torch.full_like(weights, middle)
         for tile, ins, outs in self._blocks():
             if calibrated:
-                reads = torch.stack([tile.read_reference().float().cpu() for _ in range(reference_reads)])
-                reference[outs, ins] = self._off_tile(reads.mean(0), weights[outs, ins].shape)
+                measured = averaged_read(tile.read_reference, reference_reads)
+                reference[outs, ins] = self._off_tile(measured, weights[outs, ins].shape)
             elif self.spec.supports(Capability.REFERENCE):
                 tile.program_reference(torch.full((self.spec.rows, self.spec.cols), middle))
         targets = (reference + weights / self.scale).clamp(self.spec.g_min_us, self.spec.g_max_us)
