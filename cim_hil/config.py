@@ -134,6 +134,16 @@ class EmulatorConfig(_Strict):
         return self
 
 
+class LinkConfig(_Strict):
+    """The serial link to a board (../firmware_protocol/SPEC.md §3): line rate and patience."""
+
+    baudrate: int = Field(921600, gt=0, description="line rate, bits per second (8N1: 10 bits per byte)")
+    response_timeout_s: float = Field(
+        0.5, gt=0.0, le=60.0, description="wait for an answer beyond the frames' transfer time, per try"
+    )
+    retries: int = Field(5, ge=0, le=100, description="re-sends of one frame (same seq) before giving up")
+
+
 Model = TypeVar("Model", bound=BaseModel)
 
 

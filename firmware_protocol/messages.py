@@ -485,5 +485,10 @@ class Reassembler:
         self.reset()
         return decode_message(kind, payload)
 
+    @property
+    def assembling(self) -> int | None:
+        """The type of the partial message held, None when idle."""
+        return self._type
+
     def reset(self) -> None:
         self._type, self._parts, self._size = None, [], 0

@@ -56,6 +56,7 @@ class EmulatedTile(Tile):
         self.forward_adc = ADC(per.output_bits, per.adc_full_scale_fraction * largest_current * rows, adc_noise)
         self.backward_adc = ADC(per.output_bits, per.adc_full_scale_fraction * largest_current * cols, adc_noise)
         self.read_full_scale_us = READ_FULL_SCALE_HEADROOM * dev.g_max_us
+        self.read_lsb_us = self.read_full_scale_us / (2**per.output_bits - 1)
         # Without reference devices the periphery subtracts a fixed mid-range current.
         self.fixed_reference_us = (dev.g_min_us + dev.g_max_us) / 2
 

@@ -1,0 +1,233 @@
+"""The board's side of the firmware protocol, executing on emulated tiles.
+
+:class:`BoardFirmware` is what a real board's firmware does with the bytes it receives
+(../firmware_protocol/SPEC.md): frames are decoded, fragments acknowledged and reassembled, the
+whole request runs **once** on the tiles, and the answer is kept so a repeated sequence number
+is answered again without running anything twice. It knows nothing about lines or timing; the
+virtual board puts it behind a pseudo-terminal or a socket.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from cim_hil.board import Board
+from cim_hil.emulator.tile import EmulatedTile
+from cim_hil.errors import CapabilityError, ConfigError, ShapeError, UnsafeValueError
+from cim_hil.tile import Capability, Counters
+from firmware_protocol import messages as m
+from firmware_protocol.errors import ProtocolError, UnknownMessageError
+from firmware_protocol.framing import FLAG_MORE, MAX_PAYLOAD, VERSION, Frame, FrameDecoder, encode_frame
+
+FIRMWARE_VERSION = (0, 1, 0)
+WIDEST_CODE_BITS = 16  # the protocol carries codes in at most 16 bits (SPEC.md §4.2-4.3)
+_CAPABILITY_BITS = {Capability(c.name): int(c) for c in m.Capabilities}
+
+
+class Refusal(Exception):
+    """A request the board answers with ERROR; nothing on the board changed."""
+
+    def __init__(self, code: m.ErrorCode, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+class BoardFirmware:
+    """Bytes in, answer bytes out, for a board built by ``make_board`` (called again on RESET 1)."""
+
+    def __init__(self, make_board: Callable[[], Board], protocol_version: int = VERSION) -> None:
+        self.make_board = make_board
+        self.board = make_board()
+        self.protocol_version = protocol_version
+        self._check_fits_protocol(self.board[0])
+        self.executed: Tally[str] = Tally()  # requests run, by message name: what tests count
+        self._decoder = FrameDecoder()
+        self._reassembler = m.Reassembler()
+        self._last: tuple[int, int, bytes] | None = None  # (seq, type, encoded answer) kept for repeats
+        self._pending: list[bytes] = []
+        self._pending_type = 0
+
+    @staticmethod
+    def _check_fits_protocol(tile: EmulatedTile) -> None:
+        spec = tile.spec
+        if max(spec.input_bits, spec.output_bits) > WIDEST_CODE_BITS:
+            raise ConfigError(
+                f"the firmware protocol carries at most {WIDEST_CODE_BITS}-bit codes; this emulator has "
+                f"input_bits={spec.input_bits}, output_bits={spec.output_bits}"
+            )
+        if max(spec.rows, spec.cols) > 0xFFFF or spec.max_pulses_per_call > 0x7FFF:
+            raise ConfigError("tile size or max_pulses_per_call too large for the firmware protocol's 16-bit fields")
+
+    # ---- frames -------------------------------------------------------------------------------
+    def receive(self, data: bytes) -> list[bytes]:
+        """Feed bytes from the line; returns the encoded answers to send, in order."""
+        answers = []
+        for frame in self._decoder.feed(data):
+            answer = self.answer(frame)
+            if answer is not None:
+                answers.append(answer)
+        return answers
+
+    def answer(self, frame: Frame) -> bytes | None:
+        if frame.type & 0x80:
+            return None  # a reply type: not for the board
+        if self._last is not None and self._last[:2] == (frame.seq, frame.type):
+            return self._last[2]  # repeated seq: the kept answer, nothing runs again
+        reply = self._handle(frame)
+        encoded = encode_frame(reply)
+        self._last = (frame.seq, frame.type, encoded)
+        return encoded
+
+    def _handle(self, frame: Frame) -> Frame:
+        if frame.type == m.Next.TYPE:
+            if not self._pending:
+                return self._error_frame(frame, m.ErrorCode.NO_PENDING_REPLY, "no reply is pending")
+            piece = self._pending.pop(0)
+            return Frame(self._pending_type, frame.seq, piece, FLAG_MORE if self._pending else 0)
+        self._pending = []  # any other request abandons a half-fetched reply
+        if self._reassembler.assembling not in (None, frame.type):
+            self._reassembler.reset()  # a new message discards the partial one (SPEC.md §2)
+        try:
+            message = self._reassembler.add(frame)
+        except UnknownMessageError as error:
+            return self._error_frame(frame, m.ErrorCode.UNKNOWN_MESSAGE, str(error))
+        except ProtocolError as error:
+            return self._error_frame(frame, m.ErrorCode.BAD_LENGTH, str(error))
+        if message is None:
+            return Frame(m.Ack.TYPE, frame.seq, m.Ack(frame.type).encode())
+        try:
+            reply = self._execute(message)
+        except Refusal as refusal:
+            return self._error_frame(frame, refusal.code, str(refusal))
+        payload = reply.encode()
+        pieces = [payload[i : i + MAX_PAYLOAD] for i in range(0, len(payload), MAX_PAYLOAD)] or [b""]
+        self._pending, self._pending_type = pieces[1:], reply.TYPE
+        return Frame(reply.TYPE, frame.seq, pieces[0], FLAG_MORE if self._pending else 0)
+
+    @staticmethod
+    def _error_frame(frame: Frame, code: m.ErrorCode, text: str) -> Frame:
+        return Frame(m.Error.TYPE, frame.seq, m.Error(int(code), frame.type, text[:900]).encode())
+
+    # ---- requests -------------------------------------------------------------------------------
+    def _execute(self, message: m.Message) -> m.Message:
+        handler = getattr(self, f"_on_{type(message).__name__.lower()}", None)
+        if handler is None:
+            raise Refusal(m.ErrorCode.UNKNOWN_MESSAGE, f"{type(message).__name__} is not a request")
+        try:
+            reply = handler(message)
+        except Refusal:
+            raise
+        except CapabilityError as error:
+            raise Refusal(m.ErrorCode.UNSUPPORTED, str(error)) from None
+        except (ShapeError, UnsafeValueError) as error:
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, str(error)) from None
+        except Exception as error:  # firmware reports its own faults and keeps serving
+            raise Refusal(m.ErrorCode.INTERNAL, f"{type(error).__name__}: {error}") from None
+        self.executed[type(message).__name__] += 1
+        return reply
+
+    def _tile(self, index: int) -> EmulatedTile:
+        if not 0 <= index < len(self.board):
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"tile {index} does not exist; the board has {len(self.board)}")
+        return self.board[index]
+
+    def _on_hello(self, hello: m.Hello) -> m.Info:
+        if hello.protocol_version != self.protocol_version:
+            raise Refusal(
+                m.ErrorCode.UNSUPPORTED_VERSION,
+                f"this board speaks protocol version {self.protocol_version}, not {hello.protocol_version}",
+            )
+        tile = self.board[0]
+        spec = tile.spec
+        return m.Info(
+            self.protocol_version, *FIRMWARE_VERSION, len(self.board), spec.rows, spec.cols,
+            spec.input_bits, spec.output_bits, spec.levels,
+            sum(_CAPABILITY_BITS[c] for c in spec.capabilities), int(tile.counters.clock_hz),
+            spec.g_min_us, spec.g_max_us, spec.v_read, tile.forward_adc.lsb, tile.backward_adc.lsb,
+            tile.read_lsb_us, MAX_PAYLOAD, spec.max_pulses_per_call, tile.default_tolerance_us,
+            tile.default_max_trials,
+        )
+
+    def _on_forward(self, request: m.Forward) -> m.Products:
+        tile = self._tile(request.tile)
+        top = 2 ** (tile.spec.input_bits - 1) - 1
+        if request.codes.size and int(np.abs(request.codes.astype(np.int32)).max()) > top:
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"input codes beyond +-{top}")
+        x = torch.from_numpy(request.codes.astype(np.float32)) / top
+        if request.transpose:
+            currents, lsb = tile.backward(x), tile.backward_adc.lsb
+        else:
+            currents, lsb = tile.forward(x), tile.forward_adc.lsb
+        dtype = np.int8 if tile.spec.output_bits <= 8 else np.int16
+        codes = torch.round(currents.cpu() / lsb).numpy().astype(dtype)
+        return m.Products(request.tile, request.transpose, codes)
+
+    def _on_readmap(self, request: m.ReadMap) -> m.Map:
+        tile = self._tile(request.tile)
+        window = (request.r0, request.r1, request.c0, request.c1)
+        if request.array == 0:
+            values = tile.read_conductances(window)
+        elif request.array == 1:
+            tile._window(window)  # refuse a bad window before reading anything
+            values = tile.read_reference()[request.r0 : request.r1, request.c0 : request.c1]
+        else:
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"array {request.array} is neither 0 (weights) nor 1 (references)")
+        codes = torch.round(values.cpu() / tile.read_lsb_us).numpy().astype(np.uint16)
+        return m.Map(request.tile, request.array, *window, codes)
+
+    def _on_pulsessparse(self, request: m.PulsesSparse) -> m.PulsesApplied:
+        tile = self._tile(request.tile)
+        rows, cols = request.rows.astype(np.int64), request.cols.astype(np.int64)
+        if rows.size and (rows.max() >= tile.spec.rows or cols.max() >= tile.spec.cols):
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, "a pulse entry addresses a device outside the tile")
+        flat = rows * tile.spec.cols + cols
+        if np.unique(flat).size != flat.size:
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, "a device is listed twice in one PULSES_SPARSE")
+        counts = torch.zeros(tile.spec.rows * tile.spec.cols, dtype=torch.int64)
+        counts[torch.from_numpy(flat)] = torch.from_numpy(request.pulses.astype(np.int64))
+        applied = tile.apply_pulses(counts.reshape(tile.spec.rows, tile.spec.cols)).cpu().flatten()
+        return m.PulsesApplied(request.tile, 0, applied[flat].numpy().astype(np.int16).reshape(1, -1))
+
+    def _on_pulsesdense(self, request: m.PulsesDense) -> m.PulsesApplied:
+        tile = self._tile(request.tile)
+        applied = tile.apply_pulses(torch.from_numpy(request.values.astype(np.int64)))
+        return m.PulsesApplied(request.tile, 1, applied.cpu().numpy().astype(np.int16))
+
+    def _on_program(self, request: m.Program) -> m.ProgramReport:
+        tile = self._tile(request.tile)
+        targets = torch.from_numpy(request.targets)
+        mask = ~torch.isnan(targets)
+        targets = torch.where(mask, targets, torch.full_like(targets, tile.spec.g_min_us))  # unselected: any safe value
+        tolerance = request.tolerance_us or None
+        trials = request.max_trials or None
+        if request.array == 0:
+            result = tile.program_verify(targets, mask, tolerance, trials)
+        elif request.array == 1:
+            result = tile.program_reference(targets, mask, tolerance, trials)
+        else:
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"array {request.array} is neither 0 (weights) nor 1 (references)")
+        return m.ProgramReport(
+            request.tile, request.array, result.reached_us.cpu().numpy().astype(np.float32),
+            result.trials.cpu().numpy().astype(np.uint16), result.failed.cpu().numpy(),
+        )
+
+    def _on_readcounters(self, request: m.ReadCounters) -> m.CountersReply:
+        c = self._tile(request.tile).counters
+        return m.CountersReply(
+            request.tile, c.cycles, c.products, c.transpose_products, c.pulses, c.device_reads, c.verify_trials,
+            c.energy_nj,
+        )
+
+    def _on_reset(self, request: m.Reset) -> m.Ack:
+        if request.mode == 0:
+            for tile in self.board:
+                tile.counters = Counters(clock_hz=tile.counters.clock_hz)
+        elif request.mode == 1:
+            self.board = self.make_board()
+        else:
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"RESET mode {request.mode} is neither 0 nor 1")
+        return m.Ack(m.Reset.TYPE)

@@ -1,0 +1,221 @@
+"""The host's side of the firmware protocol: one request in, one reply out, over any pyserial port.
+
+Stop-and-wait as ../firmware_protocol/SPEC.md §2-3 says: a request is cut into fragments, each
+waits for its ACK; a long reply is fetched piece by piece with NEXT. A frame that gets no valid
+answer in time is re-sent with the **same** sequence number, so the board answers a repeat from
+its kept reply instead of running the command twice. Everything that crosses the line is counted
+in :class:`LinkStats`, so a user can see when the link, not the array, limits a run.
+"""
+
+from __future__ import annotations
+
+import random
+import select
+import time
+from dataclasses import asdict, dataclass
+
+import serial
+
+from cim_hil.config import LinkConfig
+from cim_hil.errors import BoardError, UnsafeValueError
+from firmware_protocol.framing import MAX_ENCODED, MAX_PAYLOAD, Frame, FrameDecoder, encode_frame
+from firmware_protocol.errors import ProtocolError
+from firmware_protocol.messages import REGISTRY, Ack, Error, ErrorCode, Message, Next, Reassembler, fragments
+
+BITS_PER_BYTE = 10  # 8N1: start bit, 8 data bits, stop bit
+
+
+@dataclass
+class LinkStats:
+    """What crossed the line, host's view. ``seconds`` is wall time spent waiting on requests."""
+
+    requests: int = 0
+    frames_out: int = 0
+    frames_in: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    payload_bytes_out: int = 0
+    payload_bytes_in: int = 0
+    retries: int = 0
+    rejected_frames: int = 0
+    stale_frames: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class BoardNotAnswering(BoardError):
+    """No valid answer to one frame within the whole retry budget."""
+
+
+class BoardRefused(BoardError):
+    """The board answered ERROR: it refused the request and changed nothing."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _type_name(kind: int) -> str:
+    cls = REGISTRY.get(kind)
+    return cls.__name__.upper() if cls else f"type {kind:#04x}"
+
+
+class Link:
+    """Requests and replies over an open pyserial port (``serial_for_url`` of a path or URL)."""
+
+    POLL_S = 0.005  # read timeout for ports without a file descriptor to wait on (loop://, rfc2217://)
+
+    def __init__(self, port: serial.SerialBase, name: str, config: LinkConfig) -> None:
+        self.port = port
+        try:
+            self._fd: int | None = port.fileno()
+        except (AttributeError, NotImplementedError, OSError, serial.SerialException):
+            self._fd = None
+        # Set once (pyserial reconfigures the port on every change). With a descriptor we wait in
+        # select() and then read all that is there without blocking; pyserial's socket handler
+        # reports at most 1 byte in_waiting, so reading "in_waiting" bytes would go byte by byte.
+        port.timeout = 0 if self._fd is not None else self.POLL_S
+        self.name = name
+        self.config = config
+        self.max_payload = MAX_PAYLOAD
+        self.stats = LinkStats()
+        self._decoder = FrameDecoder()
+        # A fresh start keeps a restarted host from colliding with the seq the board last saw.
+        self._seq = random.randrange(1, 0x10000)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def request(self, message: Message, expect: type[Message]) -> Message:
+        """Send ``message``, return the board's reply of type ``expect``; ERROR replies raise
+        :class:`BoardRefused` (or UnsafeValueError for OUT_OF_RANGE)."""
+        started = time.perf_counter()
+        self.stats.requests += 1
+        try:
+            frames = fragments(message, self._take_seq(), self.max_payload)
+            self._seq = (self._seq + len(frames) - 1) & 0xFFFF
+            for frame in frames[:-1]:
+                answer = self._exchange(frame)
+                if answer.type != Ack.TYPE:
+                    self._raise_error(answer, frame)
+            reply = self._collect(self._exchange(frames[-1]))
+        finally:
+            self.stats.seconds += time.perf_counter() - started
+        if isinstance(reply, Error):
+            self._raise_refusal(reply)
+        if not isinstance(reply, expect):
+            raise BoardError(
+                f"board on {self.name} answered {_type_name(message.TYPE)} with {_type_name(reply.TYPE)}, "
+                f"expected {_type_name(expect.TYPE)}"
+            )
+        return reply
+
+    def resynchronise(self) -> None:
+        """Flush any partial chunk at the board and anything stale on our side (SPEC.md §3)."""
+        self._io(lambda: (self.port.write(b"\x00\x00"), self.port.flush(), self.port.reset_input_buffer()))
+        self._decoder = FrameDecoder()
+
+    def close(self) -> None:
+        try:
+            self.port.close()
+        except (serial.SerialException, OSError):
+            pass  # the port is gone already; closing it is all we wanted
+
+    # ---- one frame, its answer, and the pieces of a long reply ------------------------------
+    def _take_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFF
+        return self._seq
+
+    def _collect(self, first: Frame) -> Message:
+        """The whole reply that starts with ``first``, fetching further pieces with NEXT."""
+        reassembler = Reassembler()
+        frame = first
+        while True:
+            try:
+                message = reassembler.add(frame)
+            except ProtocolError as error:
+                raise BoardError(f"board on {self.name} sent a malformed {_type_name(frame.type)}: {error}") from None
+            if message is not None:
+                return message
+            frame = self._exchange(Frame(Next.TYPE, self._take_seq()))
+
+    def _exchange(self, frame: Frame) -> Frame:
+        """Send ``frame`` until a valid answer with its seq arrives; re-sends keep the seq."""
+        wire = encode_frame(frame)
+        line_s = (len(wire) + MAX_ENCODED) * BITS_PER_BYTE / self.config.baudrate
+        timeout = self.config.response_timeout_s + line_s
+        for attempt in range(self.config.retries + 1):
+            if attempt:
+                self.stats.retries += 1
+            self._io(lambda: self.port.write(wire))
+            self.stats.frames_out += 1
+            self.stats.bytes_out += len(wire)
+            self.stats.payload_bytes_out += len(frame.payload)
+            answer = self._await(frame, time.monotonic() + timeout)
+            if answer is not None:
+                return answer
+        self.resynchronise()
+        raise BoardNotAnswering(
+            f"board on {self.name} did not answer {_type_name(frame.type)} "
+            f"({self.config.retries + 1} tries, {timeout:.3g} s each); check the cable, the port "
+            f"and the baud rate ({self.config.baudrate})"
+        )
+
+    def _await(self, sent: Frame, deadline: float) -> Frame | None:
+        while time.monotonic() < deadline:
+            data = self._io(lambda: self._read_some(deadline))
+            self.stats.bytes_in += len(data)
+            rejected_before = self._decoder.rejected
+            frames = self._decoder.feed(data)
+            self.stats.rejected_frames += self._decoder.rejected - rejected_before
+            for frame in frames:
+                self.stats.frames_in += 1
+                if frame.type == sent.type and frame.seq == sent.seq and not frame.type & 0x80:
+                    raise BoardError(
+                        f"the link on {self.name} echoes what it is sent (loop:// or a loopback plug?); "
+                        "no board is answering"
+                    )
+                if frame.type == Error.TYPE and frame.seq == 0:
+                    return None  # BAD_CRC from the board: treat as a timeout, re-send now
+                if frame.seq != sent.seq or not frame.type & 0x80:
+                    self.stats.stale_frames += 1
+                    continue
+                self.stats.payload_bytes_in += len(frame.payload)
+                return frame
+        return None
+
+    def _read_some(self, deadline: float) -> bytes:
+        if self._fd is None:
+            return self.port.read(max(1, self.port.in_waiting))
+        if not select.select([self._fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            return b""
+        return self.port.read(65536)
+
+    def _io(self, operation):
+        """Run a port operation; a vanished port becomes a BoardError naming it."""
+        try:
+            return operation()
+        except (serial.SerialException, OSError) as error:
+            raise BoardError(
+                f"lost the link to the board on {self.name}: {error}; the command in flight may or may not "
+                "have run on the board"
+            ) from None
+
+    # ---- refusals -----------------------------------------------------------------------------
+    def _raise_error(self, frame: Frame, sent: Frame) -> None:
+        reply = self._collect(frame)
+        if isinstance(reply, Error):
+            self._raise_refusal(reply)
+        raise BoardError(f"board on {self.name} answered a {_type_name(sent.type)} fragment with {type(reply).__name__}")
+
+    def _raise_refusal(self, error: Error) -> None:
+        try:
+            code = ErrorCode(error.code).name
+        except ValueError:
+            code = f"code {error.code}"
+        text = f"board on {self.name} refused {_type_name(error.request_type)}: {code}"
+        if error.text:
+            text += f": {error.text}"
+        if error.code == ErrorCode.OUT_OF_RANGE:
+            raise UnsafeValueError(text)
+        raise BoardRefused(text, error.code)

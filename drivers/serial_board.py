@@ -1,0 +1,184 @@
+"""A CIM board on a serial line: every Tile operation as firmware-protocol requests.
+
+``open_board("/dev/ttyUSB0")``, ``open_board("socket://127.0.0.1:7000")`` or
+``open_board("serial:<any pyserial URL>")`` opens the port, resynchronises, says HELLO, refuses
+a board that speaks another protocol version, and builds one :class:`SerialTile` per tile from
+the board's INFO. ``config`` may be a :class:`~cim_hil.config.LinkConfig` (baud rate, timeout,
+retries).
+
+Conversions mirror the board's converters exactly (SPEC.md §4.2-4.3): inputs go out as DAC codes
+``round(clamp(x, -1, 1) * (2^(input_bits-1) - 1))``, outputs come back as ADC codes times the
+LSB the board reported, so a virtual board gives bit-for-bit the in-process emulator's numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import serial
+import torch
+
+from cim_hil.board import Board, register_scheme
+from cim_hil.config import LinkConfig
+from cim_hil.errors import BoardError, ConfigError, UnsafeValueError
+from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
+from drivers.link import BoardRefused, Link
+from firmware_protocol import messages as m
+from firmware_protocol.framing import MAX_PAYLOAD, VERSION
+
+MAX_BATCH = 0xFFFF  # FORWARD's batch field is u16; longer batches go as several requests
+SCHEMES = ("serial:", "socket://", "rfc2217://", "loop://", "/dev/", "COM")
+
+
+class SerialTile(Tile):
+    """One tile of a board reached through ``link``; its numbers come from the board."""
+
+    def __init__(self, link: Link, index: int, info: m.Info) -> None:
+        self.link, self.index, self.board_info = link, index, info
+        self.spec = TileSpec(
+            rows=info.rows,
+            cols=info.cols,
+            input_bits=info.input_bits,
+            output_bits=info.output_bits,
+            g_min_us=info.g_min_us,
+            g_max_us=info.g_max_us,
+            levels=info.levels,
+            v_read=info.v_read,
+            max_pulses_per_call=info.max_pulses_per_call,
+            capabilities=frozenset(Capability(bit.name) for bit in m.Capabilities if info.capabilities & bit),
+        )
+        self._input_top = 2 ** (info.input_bits - 1) - 1
+        self._input_dtype = np.int8 if info.input_bits <= 8 else np.int16
+
+    @property
+    def counters(self) -> Counters:
+        """The board's counters for this tile (one READ_COUNTERS round trip)."""
+        reply = self.link.request(m.ReadCounters(self.index), m.CountersReply)
+        return Counters(
+            clock_hz=float(self.board_info.clock_hz), cycles=reply.cycles, products=reply.products,
+            transpose_products=reply.transpose_products, pulses=reply.pulses, device_reads=reply.device_reads,
+            verify_trials=reply.verify_trials, energy_nj=reply.energy_nj,
+        )
+
+    @property
+    def default_tolerance_us(self) -> float:
+        return self.board_info.default_tolerance_us
+
+    @property
+    def default_max_trials(self) -> int:
+        return self.board_info.default_max_trials
+
+    # ---- products -------------------------------------------------------------------------
+    def _products(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+        codes = torch.round(x.to(torch.float32).clamp(-1.0, 1.0) * self._input_top).numpy().astype(self._input_dtype)
+        lsb = self.board_info.backward_lsb_ua if transpose else self.board_info.forward_lsb_ua
+        parts = []
+        for start in range(0, max(len(codes), 1), MAX_BATCH):
+            reply = self.link.request(m.Forward(self.index, transpose, codes[start : start + MAX_BATCH]), m.Products)
+            parts.append(torch.from_numpy(reply.codes.astype(np.float32)) * lsb)
+        return torch.cat(parts)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._products(x.cpu(), transpose=False)
+
+    def _backward(self, d: torch.Tensor) -> torch.Tensor:
+        return self._products(d.cpu(), transpose=True)
+
+    # ---- conductances ---------------------------------------------------------------------
+    def _read(self, array: int, window: Window) -> torch.Tensor:
+        reply = self.link.request(m.ReadMap(self.index, array, *window), m.Map)
+        return torch.from_numpy(reply.codes.astype(np.float32)) * self.board_info.read_lsb_us
+
+    def _read_conductances(self, window: Window) -> torch.Tensor:
+        return self._read(0, window)
+
+    def _read_reference(self) -> torch.Tensor:
+        return self._read(1, (0, self.spec.rows, 0, self.spec.cols))
+
+    def _apply_pulses(self, counts: torch.Tensor) -> torch.Tensor:
+        counts = counts.cpu()
+        where = counts.nonzero()
+        sparse_bytes = 6 * len(where)  # (u16 row, u16 col, i16 pulses) per device
+        if sparse_bytes < 2 * counts.numel():
+            rows, cols = where[:, 0].numpy(), where[:, 1].numpy()
+            request = m.PulsesSparse(self.index, rows.astype(np.uint16), cols.astype(np.uint16),
+                                     counts[where[:, 0], where[:, 1]].numpy().astype(np.int16))
+            reply = self.link.request(request, m.PulsesApplied)
+            applied = torch.zeros_like(counts)
+            applied[where[:, 0], where[:, 1]] = torch.from_numpy(reply.values.astype(np.int64)).flatten()
+            return applied
+        reply = self.link.request(m.PulsesDense(self.index, 0, counts.numpy().astype(np.int16)), m.PulsesApplied)
+        return torch.from_numpy(reply.values.astype(np.int64))
+
+    def _program_verify(
+        self, targets: torch.Tensor, mask: torch.Tensor, tolerance_us: float, max_trials: int, reference: bool
+    ) -> ProgramResult:
+        if max_trials > 0xFFFF:
+            raise UnsafeValueError(f"max_trials {max_trials} does not fit the protocol's u16 field; nothing was programmed")
+        wire_targets = torch.where(mask.cpu(), targets.cpu(), torch.tensor(float("nan"))).numpy().astype(np.float32)
+        request = m.Program(self.index, int(reference), max_trials, tolerance_us, wire_targets)
+        reply = self.link.request(request, m.ProgramReport)
+        return ProgramResult(
+            reached_us=torch.from_numpy(reply.reached_us.astype(np.float32)),
+            trials=torch.from_numpy(reply.trials.astype(np.int64)),
+            failed=torch.from_numpy(reply.failed.astype(bool)),
+            tolerance_us=tolerance_us,
+        )
+
+
+class SerialBoard(Board):
+    """The tiles of one board and the link they share; closing the board closes the port."""
+
+    def __init__(self, tiles: list[SerialTile], url: str, link: Link, info: m.Info) -> None:
+        firmware = f"{info.firmware_major}.{info.firmware_minor}.{info.firmware_patch}"
+        super().__init__(tiles, url, {"backend": "serial", "firmware": firmware, "protocol_version": info.protocol_version,
+                                      "clock_hz": info.clock_hz, "baudrate": link.config.baudrate})
+        self.link = link
+
+    @property
+    def counters(self) -> Counters:
+        total = super().counters
+        total.link_bytes_out = self.link.stats.bytes_out
+        total.link_bytes_in = self.link.stats.bytes_in
+        return total
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "link": self.link.stats.as_dict()}
+
+    def close(self) -> None:
+        self.link.close()
+
+
+def open_serial_board(url: str, config: LinkConfig | None = None) -> SerialBoard:
+    if config is None:
+        config = LinkConfig()
+    elif not isinstance(config, LinkConfig):
+        raise ConfigError(f"a serial board takes a LinkConfig, got {type(config).__name__}")
+    port_url = url.removeprefix("serial:")
+    try:
+        port = serial.serial_for_url(
+            port_url, baudrate=config.baudrate, timeout=Link.POLL_S, write_timeout=max(1.0, config.response_timeout_s)
+        )
+    except (serial.SerialException, ValueError, OSError) as error:
+        raise BoardError(f"cannot open serial port {port_url}: {error}") from None
+    link = Link(port, port_url, config)
+    try:
+        link.resynchronise()
+        info = link.request(m.Hello(VERSION), m.Info)
+        if info.protocol_version != VERSION:
+            raise BoardError(f"board on {port_url} speaks protocol version {info.protocol_version}; this host speaks {VERSION}")
+    except BoardRefused as refusal:
+        link.close()
+        if refusal.code == m.ErrorCode.UNSUPPORTED_VERSION:
+            raise BoardError(f"{refusal}; this host speaks protocol version {VERSION}: update the firmware or cim-hil") from None
+        raise
+    except BaseException:
+        link.close()
+        raise
+    link.max_payload = min(MAX_PAYLOAD, info.max_payload)
+    return SerialBoard([SerialTile(link, index, info) for index in range(info.tiles)], url, link, info)
+
+
+for _scheme in SCHEMES:
+    register_scheme(_scheme, open_serial_board)
