@@ -1,4 +1,4 @@
-"""PNG pictures of calibration results: symmetry points, zero-shift residuals, pulse responses."""
+"""PNG pictures of devices: symmetry points, zero-shift residuals, pulse responses, conductance maps."""
 
 from __future__ import annotations
 
@@ -66,4 +66,13 @@ def plot_pulse_response(result: CalibrationResult, path: Path, devices: int = 6)
         axis.plot(model, "-", color=colour, alpha=0.7)
     axis.set(xlabel="pulse number (up, then down)", ylabel="conductance (uS)", title="pulse response and soft-bounds fit")
     axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def plot_conductance_map(conductance_us: np.ndarray, path: Path, title: str) -> Path:
+    """One read of a tile's devices, as a picture (board bring-up, sanity checks)."""
+    figure, axis = plt.subplots(figsize=(6, 5))
+    image = axis.imshow(conductance_us, cmap="viridis")
+    axis.set(xlabel="column", ylabel="row", title=title)
+    figure.colorbar(image, ax=axis, label="conductance (uS)")
     return _save(figure, path)

@@ -113,6 +113,28 @@ def _calibrate(args: argparse.Namespace) -> None:
     print(json.dumps({**summary, "files": [str(p) for p in written]}, indent=2))
 
 
+def _board_serve(args: argparse.Namespace) -> None:
+    """Serve the emulator over the firmware protocol until Ctrl-C; prints where to connect."""
+    from cim_hil.config import load_config
+    from cim_hil.emulator.board import config_from_url
+    from drivers.virtual_board import VirtualBoard
+
+    config = load_config(args.config) if args.config else None
+    config = config_from_url(f"emulator:?seed={args.seed}&tiles={args.tiles}", config)
+    board = VirtualBoard(config, pace_baudrate=args.pace_baud)
+    url = board.open_pty() if args.tcp is None else board.open_tcp(args.tcp)
+    pacing = f", paced at {args.pace_baud} baud" if args.pace_baud else ""
+    print(f"virtual board on {url} ({config.soc.tiles} tiles of {config.soc.rows}x{config.soc.cols}, "
+          f"seed {config.seed}{pacing}); Ctrl-C stops it", flush=True)
+    board.serve_forever()
+
+
+def _board_info(args: argparse.Namespace) -> None:
+    """Connect, say HELLO, print what the board reports and what the link carried."""
+    with open_board(args.url) as board:
+        print(json.dumps(board.info(), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cim-hil", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", default="runs/calibration", help="directory for results and plots")
     calibrate.add_argument("--no-progress", action="store_true")
     calibrate.set_defaults(run=_calibrate)
+
+    board = commands.add_parser("board", help="serve a virtual board, or ask a board what it is")
+    board_commands = board.add_subparsers(dest="board_command", required=True)
+    serve = board_commands.add_parser("serve", help="serve the emulator over the firmware protocol (pty or TCP)")
+    serve.add_argument("--tcp", type=int, metavar="PORT", help="listen on 127.0.0.1:PORT (0: any) instead of a pty")
+    serve.add_argument("--tiles", type=int, default=4)
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--config", help="emulator TOML/JSON config (--tiles and --seed override it)")
+    serve.add_argument("--pace-baud", type=int, help="pace the line like a UART at this baud rate")
+    serve.set_defaults(run=_board_serve)
+    info = board_commands.add_parser("info", help="connect to a board and print its INFO and link figures")
+    info.add_argument("url", help="serial port path or pyserial URL (socket://host:port, ...), or emulator:")
+    info.set_defaults(run=_board_info)
     return parser
 
 

@@ -10,6 +10,7 @@ in :class:`LinkStats`, so a user can see when the link, not the array, limits a 
 from __future__ import annotations
 
 import random
+import re
 import select
 import time
 from dataclasses import asdict, dataclass
@@ -18,8 +19,8 @@ import serial
 
 from cim_hil.config import LinkConfig
 from cim_hil.errors import BoardError, UnsafeValueError
-from firmware_protocol.framing import MAX_ENCODED, MAX_PAYLOAD, Frame, FrameDecoder, encode_frame
 from firmware_protocol.errors import ProtocolError
+from firmware_protocol.framing import MAX_ENCODED, MAX_PAYLOAD, Frame, FrameDecoder, encode_frame
 from firmware_protocol.messages import REGISTRY, Ack, Error, ErrorCode, Message, Next, Reassembler, fragments
 
 BITS_PER_BYTE = 10  # 8N1: start bit, 8 data bits, stop bit
@@ -58,8 +59,9 @@ class BoardRefused(BoardError):
 
 
 def _type_name(kind: int) -> str:
+    """The SPEC.md name of a message type: ReadMap -> READ_MAP."""
     cls = REGISTRY.get(kind)
-    return cls.__name__.upper() if cls else f"type {kind:#04x}"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).upper() if cls else f"type {kind:#04x}"
 
 
 class Link:

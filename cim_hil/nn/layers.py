@@ -79,6 +79,15 @@ class AnalogLayer(nn.Module):
         self.weight.copy_(self.mapping.weights_for(reached))
         return applied, programmed
 
+    @torch.no_grad()
+    def rewrite_devices(self) -> None:
+        """Program the devices from the host's copy again: after a resume on real hardware,
+        whose devices may have moved since the checkpoint."""
+        if self.levels is None:
+            self.weight.copy_(self.mapping.program_weights_open_loop(self.weight))
+        else:
+            self.mapping.program_levels(self.levels, previous=None)
+
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return _AnalogProduct.apply(x, self.weight, self.mapping)
 

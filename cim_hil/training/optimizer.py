@@ -8,6 +8,12 @@ where |chi| reaches the programming granularity epsilon (../shared/DOMAIN.md):
 
 so an update is never lost and never applied twice, whatever a device refuses. Digital
 parameters (biases) take the update directly.
+
+If a board error interrupts a step (a refused command, a pulled cable), the analog weight being
+programmed keeps its state from before the step; parameters earlier in the step keep their
+update, since their devices took it. On a multi-tile layer the tiles programmed before the
+link failed may hold one step more than the host knows; a resume re-writes the devices from
+the host's copy (``Trainer.resume``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from cim_hil.errors import CimHilError
 from cim_hil.nn.convert import analog_layers
 
 Rule = Literal["sgd", "adam"]
@@ -70,12 +77,18 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                update = self._direction(p, group)
                 layer = self._layers.get(id(p))
                 if layer is None:
-                    p.add_(update)
+                    p.add_(self._direction(p, group))
                     continue
-                programmed += self._accumulate_and_program(p, layer, update)
+                before = {key: value.clone() if torch.is_tensor(value) else value for key, value in self.state[p].items()}
+                try:
+                    programmed += self._accumulate_and_program(p, layer, self._direction(p, group))
+                except CimHilError:
+                    # The board refused or vanished: this weight's chi and rule state go back to
+                    # before the step, matching its host copy, which program_steps left untouched.
+                    self.state[p] = before
+                    raise
         self.steps += 1
         self.last_step = {"devices_programmed": programmed}
         return loss

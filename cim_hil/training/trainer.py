@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from cim_hil.board import Board, open_board
 from cim_hil.config import EmulatorConfig, SoCConfig, _Strict, validate
-from cim_hil.errors import CimHilError
-from cim_hil.nn import MappingConfig, convert_to_analog, count_tiles
+from cim_hil.errors import BoardError, CimHilError
+from cim_hil.nn import MappingConfig, analog_layers, convert_to_analog, count_tiles
 from cim_hil.training.lenet import lenet5
 from cim_hil.training.mnist import MNIST
 from cim_hil.training.optimizer import MixedPrecisionOptimizer
@@ -84,7 +84,11 @@ class Trainer:
         """Train up to ``epochs`` (default: the config's) epochs in total, resuming where left."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(self.epoch, epochs or self.config.epochs):
-            row = self._train_epoch()
+            try:
+                row = self._train_epoch()
+            except BoardError as error:
+                saved = f"the checkpoint in {self.out_dir} holds epoch {self.epoch}" if self.epoch else "no epoch finished yet"
+                raise BoardError(f"{error}. Training stopped in epoch {self.epoch + 1}; {saved}; resume with --resume") from None
             row.update(self.evaluate())
             self.epoch += 1
             self.history.append(row)
@@ -178,6 +182,9 @@ class Trainer:
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         if trainer.board is not None:
+            if state["board"] is None:  # real hardware: its devices may have moved, write them again
+                for layer in analog_layers(trainer.model):
+                    layer.rewrite_devices()
             trainer.board.load_state_dict(state["board"])
         trainer.shuffle.set_state(state["shuffle"])
         torch.set_rng_state(state["torch_rng"])
