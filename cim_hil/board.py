@@ -106,4 +106,5 @@ def open_board(url: str = "emulator:", config: Any = None) -> Board:
 def _load_driver_schemes() -> None:
     # Imported here, not at module top: drivers import this module to register themselves.
     import cim_hil.emulator.board  # noqa: F401
+    import drivers.instrument_board  # noqa: F401
     import drivers.serial_board  # noqa: F401

@@ -135,6 +135,34 @@ def _board_info(args: argparse.Namespace) -> None:
         print(json.dumps(board.info(), indent=2))
 
 
+def _instruments_list(args: argparse.Namespace) -> None:
+    """The VISA resources the chosen backend finds, with their *IDN? when asked."""
+    import pyvisa
+
+    from cim_hil.errors import BoardError
+    from drivers.instruments import identify
+
+    try:
+        manager = pyvisa.ResourceManager(args.library)
+        resources = manager.list_resources()
+    except (OSError, ValueError, pyvisa.Error) as error:
+        raise BoardError(f"cannot list VISA resources with {args.library!r}: {error}") from None
+    if not resources:
+        print(f"no VISA resources found with {args.library!r} (LAN instruments on raw sockets are not "
+              "discoverable: give their TCPIP0::host::port::SOCKET name directly)")
+    for name in resources:
+        if not args.identify:
+            print(name)
+            continue
+        try:
+            resource = manager.open_resource(name)
+            resource.timeout = 1000
+            identity = identify(resource)
+            print(f"{name}  {identity.maker} {identity.model} ({identity.serial})")
+        except (BoardError, pyvisa.Error, OSError) as error:
+            print(f"{name}  (no answer to *IDN?: {error})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cim-hil", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     info = board_commands.add_parser("info", help="connect to a board and print its INFO and link figures")
     info.add_argument("url", help="serial port path or pyserial URL (socket://host:port, ...), or emulator:")
     info.set_defaults(run=_board_info)
+
+    instruments = commands.add_parser("instruments", help="lab instruments over VISA")
+    instruments_commands = instruments.add_subparsers(dest="instruments_command", required=True)
+    listing = instruments_commands.add_parser("list", help="list the VISA resources found")
+    listing.add_argument("--library", default="@py", help="pyvisa backend: @py (default), file.yaml@sim, or a VISA path")
+    listing.add_argument("--identify", action="store_true", help="ask each resource for *IDN?")
+    listing.set_defaults(run=_instruments_list)
     return parser
 
 

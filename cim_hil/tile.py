@@ -28,6 +28,7 @@ class Capability(StrEnum):
     """What a backend can do; the trainer and calibration ask before they rely on it."""
 
     ANALOG_PRODUCTS = "analog_products"  # the array itself computes vector-matrix products
+    COMPUTED_PRODUCTS = "computed_products"  # products computed on the host from conductance reads
     TRANSPOSE = "transpose"  # products with the transposed array (backward pass)
     PULSES = "pulses"  # open-loop signed programming pulses
     WRITE_VERIFY = "write_verify"  # program-with-verify to target conductances
@@ -123,7 +124,8 @@ class Tile(ABC):
     # ---- products -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Column currents (uA) for a batch of row inputs ``x`` of shape (batch, rows)."""
-        self._require(Capability.ANALOG_PRODUCTS)
+        if not self.spec.supports(Capability.COMPUTED_PRODUCTS):
+            self._require(Capability.ANALOG_PRODUCTS)
         return self._forward(self._batch(x, self.spec.rows, "forward input"))
 
     def backward(self, d: torch.Tensor) -> torch.Tensor:
