@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 import torch
 
@@ -144,7 +145,9 @@ def _instruments_list(args: argparse.Namespace) -> None:
 
     try:
         manager = pyvisa.ResourceManager(args.library)
-        resources = manager.list_resources()
+        with warnings.catch_warnings():  # pyvisa-py suggests optional discovery packages: advice, not errors
+            warnings.simplefilter("ignore", UserWarning)
+            resources = manager.list_resources()
     except (OSError, ValueError, pyvisa.Error) as error:
         raise BoardError(f"cannot list VISA resources with {args.library!r}: {error}") from None
     if not resources:
