@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cim_hil.board import Board
+from cim_hil.emulator.periphery import top_code
 from cim_hil.emulator.tile import EmulatedTile
 from cim_hil.errors import CapabilityError, ConfigError, ShapeError, UnsafeValueError
 from cim_hil.tile import Capability, Counters
@@ -154,7 +155,7 @@ class BoardFirmware:
 
     def _on_forward(self, request: m.Forward) -> m.Products:
         tile = self._tile(request.tile)
-        top = 2 ** (tile.spec.input_bits - 1) - 1
+        top = top_code(tile.spec.input_bits)
         if request.codes.size and int(np.abs(request.codes.astype(np.int32)).max()) > top:
             raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"input codes beyond +-{top}")
         x = torch.from_numpy(request.codes.astype(np.float32)) / top

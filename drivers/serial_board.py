@@ -6,9 +6,10 @@ a board that speaks another protocol version, and builds one :class:`SerialTile`
 the board's INFO. ``config`` may be a :class:`~cim_hil.config.LinkConfig` (baud rate, timeout,
 retries).
 
-Conversions mirror the board's converters exactly (SPEC.md §4.2-4.3): inputs go out as DAC codes
-``round(clamp(x, -1, 1) * (2^(input_bits-1) - 1))``, outputs come back as ADC codes times the
-LSB the board reported, so a virtual board gives bit-for-bit the in-process emulator's numbers.
+Conversions mirror the board's converters exactly (SPEC.md §4.2-4.3): inputs go out as the DAC
+codes of the emulator's own DAC (``cim_hil.emulator.periphery.input_codes``), outputs come back
+as ADC codes times the LSB the board reported, so a virtual board gives bit-for-bit the
+in-process emulator's numbers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from cim_hil.board import Board, register_scheme
 from cim_hil.config import LinkConfig
+from cim_hil.emulator.periphery import input_codes
 from cim_hil.errors import BoardError, ConfigError, UnsafeValueError
 from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
 from drivers.link import BoardRefused, Link
@@ -48,7 +50,6 @@ class SerialTile(Tile):
             max_pulses_per_call=info.max_pulses_per_call,
             capabilities=frozenset(Capability(bit.name) for bit in m.Capabilities if info.capabilities & bit),
         )
-        self._input_top = 2 ** (info.input_bits - 1) - 1
         self._input_dtype = np.int8 if info.input_bits <= 8 else np.int16
 
     @property
@@ -71,7 +72,7 @@ class SerialTile(Tile):
 
     # ---- products -------------------------------------------------------------------------
     def _products(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
-        codes = torch.round(x.to(torch.float32).clamp(-1.0, 1.0) * self._input_top).numpy().astype(self._input_dtype)
+        codes = input_codes(x.to(torch.float32), self.spec.input_bits).numpy().astype(self._input_dtype)
         lsb = self.board_info.backward_lsb_ua if transpose else self.board_info.forward_lsb_ua
         parts = []
         for start in range(0, max(len(codes), 1), MAX_BATCH):

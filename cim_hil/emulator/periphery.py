@@ -9,10 +9,19 @@ from __future__ import annotations
 import torch
 
 
+def top_code(bits: int) -> int:
+    """The largest code of a signed converter with ``bits`` bits, sign included."""
+    return 2 ** (bits - 1) - 1
+
+
+def input_codes(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inputs in [-1, 1] as the nearest signed DAC codes (SPEC.md §4.2 sends exactly these)."""
+    return torch.round(x.clamp(-1.0, 1.0) * top_code(bits))
+
+
 def quantise_input(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Inputs in [-1, 1] to the nearest signed DAC code (sign + ``bits - 1`` magnitude bits)."""
-    top = 2 ** (bits - 1) - 1
-    return torch.round(x.clamp(-1.0, 1.0) * top) / top
+    return input_codes(x, bits) / top_code(bits)
 
 
 class ADC:
@@ -23,7 +32,7 @@ class ADC:
     """
 
     def __init__(self, bits: int, full_scale: float, noise: float) -> None:
-        self.top_code = 2 ** (bits - 1) - 1
+        self.top_code = top_code(bits)
         self.full_scale = full_scale
         self.lsb = full_scale / self.top_code
         self.noise = noise
