@@ -122,16 +122,24 @@ class Tile(ABC):
     counters: Counters
 
     # ---- products -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Column currents (uA) for a batch of row inputs ``x`` of shape (batch, rows)."""
+    def forward(self, x: torch.Tensor, outputs: int | None = None) -> torch.Tensor:
+        """Column currents (uA) of shape (batch, outputs) for a batch of row inputs ``x``.
+
+        ``x`` has shape (batch, k), k <= rows: rows 0..k-1 are driven, the others held at 0 V.
+        Only columns 0..outputs-1 (all if None) are converted, as the periphery converts only
+        the columns asked for: a layer smaller than the tile pays for the part it uses.
+        """
         if not self.spec.supports(Capability.COMPUTED_PRODUCTS):
             self._require(Capability.ANALOG_PRODUCTS)
-        return self._forward(self._batch(x, self.spec.rows, "forward input"))
+        x = self._batch(x, self.spec.rows, "forward input")
+        return self._forward(x, self._outputs(outputs, self.spec.cols))
 
-    def backward(self, d: torch.Tensor) -> torch.Tensor:
-        """Row currents (uA) for a batch of column inputs ``d`` of shape (batch, cols)."""
+    def backward(self, d: torch.Tensor, outputs: int | None = None) -> torch.Tensor:
+        """Row currents (uA) of shape (batch, outputs) for column inputs ``d`` of shape
+        (batch, k), k <= cols; as :meth:`forward` with rows and columns swapped."""
         self._require(Capability.TRANSPOSE)
-        return self._backward(self._batch(d, self.spec.cols, "backward input"))
+        d = self._batch(d, self.spec.cols, "backward input")
+        return self._backward(d, self._outputs(outputs, self.spec.rows))
 
     # ---- conductances ---------------------------------------------------------------------
     def read_conductances(self, window: Window | None = None) -> torch.Tensor:
@@ -188,9 +196,9 @@ class Tile(ABC):
 
     # ---- backend hooks --------------------------------------------------------------------
     @abstractmethod
-    def _forward(self, x: torch.Tensor) -> torch.Tensor: ...
+    def _forward(self, x: torch.Tensor, outputs: int) -> torch.Tensor: ...
 
-    def _backward(self, d: torch.Tensor) -> torch.Tensor:
+    def _backward(self, d: torch.Tensor, outputs: int) -> torch.Tensor:
         raise CapabilityError("this tile has no transpose products")
 
     @abstractmethod
@@ -224,15 +232,23 @@ class Tile(ABC):
         x = torch.as_tensor(x)
         if x.ndim == 1:
             x = x.unsqueeze(0)
-        if x.ndim != 2 or x.shape[1] != width:
-            raise ShapeError(f"{what} must have shape (batch, {width}), got {tuple(x.shape)}")
+        if x.ndim != 2 or not 1 <= x.shape[1] <= width:
+            raise ShapeError(f"{what} must have shape (batch, k) with 1 <= k <= {width}, got {tuple(x.shape)}")
         if x.numel() and not torch.isfinite(x.sum()):  # one reduction: any NaN or inf shows in the sum
             raise UnsafeValueError(f"{what} contains NaN or infinite values")
         return x
 
-    def _matrix(self, values: torch.Tensor, what: str) -> torch.Tensor:
+    @staticmethod
+    def _outputs(outputs: int | None, width: int) -> int:
+        if outputs is None:
+            return width
+        if not 1 <= int(outputs) <= width:
+            raise ShapeError(f"outputs must be between 1 and {width}, got {outputs}")
+        return int(outputs)
+
+    def _matrix(self, values: torch.Tensor, what: str, expected: tuple[int, ...] | None = None) -> torch.Tensor:
         values = torch.as_tensor(values)
-        expected = (self.spec.rows, self.spec.cols)
+        expected = expected or (self.spec.rows, self.spec.cols)
         if tuple(values.shape) != expected:
             raise ShapeError(f"{what} must have shape {expected}, got {tuple(values.shape)}")
         return values
@@ -247,15 +263,18 @@ class Tile(ABC):
             )
         return (r0, r1, c0, c1)
 
-    def _program_args(self, targets_us, mask, tolerance_us, max_trials):
-        targets = self._matrix(targets_us, "targets").to(torch.float32)
-        mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else self._matrix(mask, "mask").bool()
+    def _program_args(self, targets_us, mask, tolerance_us, max_trials, tiles: int | None = None):
+        """Checked targets, mask, tolerance and trial budget; ``tiles`` stacks that many tiles."""
+        shape = (self.spec.rows, self.spec.cols) if tiles is None else (tiles, self.spec.rows, self.spec.cols)
+        targets = self._matrix(targets_us, "targets", shape).to(torch.float32)
+        mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else self._matrix(mask, "mask", shape).bool()
         chosen = targets[mask.to(targets.device)]
         low, high = self.spec.g_min_us, self.spec.g_max_us
-        if not torch.isfinite(chosen).all():
-            raise UnsafeValueError("targets contain NaN or infinite values; nothing was programmed")
-        outside = (chosen < low) | (chosen > high)
-        if outside.any():
+        safe = (chosen >= low) & (chosen <= high)  # false for NaN too
+        if not safe.all():
+            if not torch.isfinite(chosen).all():
+                raise UnsafeValueError("targets contain NaN or infinite values; nothing was programmed")
+            outside = ~safe
             raise UnsafeValueError(
                 f"{int(outside.sum())} target(s) outside the safe conductance range "
                 f"[{low}, {high}] uS (e.g. {float(chosen[outside][0]):.3g} uS); nothing was programmed"
@@ -267,3 +286,87 @@ class Tile(ABC):
         if trials < 1:
             raise UnsafeValueError(f"max_trials must be at least 1, got {max_trials}")
         return targets, mask, tolerance, trials
+
+    # ---- several tiles at once (one layer spread over a board's tiles) --------------------
+    @classmethod
+    def _products_together(cls, tiles: list[Tile], x: torch.Tensor, outputs: list[int], transpose: bool) -> torch.Tensor:
+        """One tile after the other; a backend that can run its tiles at once overrides this."""
+        result = torch.zeros(len(tiles), x.shape[1], max(outputs))
+        for index, (tile, inputs, width) in enumerate(zip(tiles, x, outputs)):
+            product = tile._backward if transpose else tile._forward
+            result[index, :, :width] = product(inputs, width).cpu()
+        return result
+
+    @classmethod
+    def _program_together(
+        cls, tiles: list[Tile], targets: torch.Tensor, mask: torch.Tensor, tolerance_us: float, max_trials: int,
+        reference: bool,
+    ) -> ProgramResult:
+        results = [
+            tile._program_verify(tile_targets, tile_mask, tolerance_us, max_trials, reference)
+            if tile_mask.any() else ProgramResult(
+                torch.full(tile_targets.shape, float("nan")), torch.zeros(tile_targets.shape, dtype=torch.int64),
+                torch.zeros(tile_targets.shape, dtype=torch.bool), tolerance_us,
+            )
+            for tile, tile_targets, tile_mask in zip(tiles, targets, mask)
+        ]
+        return ProgramResult(
+            reached_us=torch.stack([r.reached_us.cpu() for r in results]),
+            trials=torch.stack([r.trials.cpu() for r in results]),
+            failed=torch.stack([r.failed.cpu() for r in results]),
+            tolerance_us=tolerance_us,
+        )
+
+
+def _together(tiles: list[Tile], capability: Capability) -> type[Tile]:
+    """The class whose ``_..._together`` runs ``tiles``: theirs if they share one, else Tile's loop."""
+    if not tiles:
+        raise ShapeError("no tiles given")
+    spec = tiles[0].spec
+    if any(tile.spec is not spec and tile.spec != spec for tile in tiles):
+        raise ShapeError("tiles run together must share one spec (tiles of one board)")
+    if not (capability == Capability.ANALOG_PRODUCTS and spec.supports(Capability.COMPUTED_PRODUCTS)):
+        tiles[0]._require(capability)
+    kind = type(tiles[0])
+    return kind if all(type(tile) is kind for tile in tiles) else Tile
+
+
+def products_together(
+    tiles: list[Tile], x: torch.Tensor, outputs: list[int], transpose: bool = False
+) -> torch.Tensor:
+    """Products of several tiles at once: tile i takes inputs ``x[i]`` (x is (tiles, batch, k))
+    and converts its first ``outputs[i]`` outputs, as ``forward`` (``backward`` when
+    ``transpose``) would. Returns (tiles, batch, max(outputs)), zero beyond each tile's outputs.
+
+    The numbers are those of calling each tile in turn; a backend that can run its tiles
+    together (the emulator, as one batched tensor operation) does, which is what makes a layer
+    spread over many tiles affordable to emulate.
+    """
+    kind = _together(tiles, Capability.TRANSPOSE if transpose else Capability.ANALOG_PRODUCTS)
+    spec = tiles[0].spec
+    width = spec.cols if transpose else spec.rows
+    x = torch.as_tensor(x)
+    if x.ndim != 3 or x.shape[0] != len(tiles) or not 1 <= x.shape[2] <= width:
+        raise ShapeError(f"inputs must have shape ({len(tiles)}, batch, k) with 1 <= k <= {width}, got {tuple(x.shape)}")
+    if len(outputs) != len(tiles):
+        raise ShapeError(f"outputs must give one width per tile ({len(tiles)}), got {len(outputs)}")
+    outputs = [Tile._outputs(o, spec.rows if transpose else spec.cols) for o in outputs]
+    if x.numel() and not torch.isfinite(x.sum()):
+        raise UnsafeValueError("inputs contain NaN or infinite values")
+    return kind._products_together(tiles, x, outputs, transpose)
+
+
+def program_together(
+    tiles: list[Tile],
+    targets_us: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    reference: bool = False,
+    tolerance_us: float | None = None,
+    max_trials: int | None = None,
+) -> ProgramResult:
+    """Write-verify several tiles at once: tile i's devices (its reference devices if
+    ``reference``) selected by ``mask[i]`` go to ``targets_us[i]``; both are (tiles, rows, cols).
+    Every target is checked before any tile is programmed. The result stacks the tiles'."""
+    kind = _together(tiles, Capability.REFERENCE if reference else Capability.WRITE_VERIFY)
+    targets, mask, tolerance, trials = tiles[0]._program_args(targets_us, mask, tolerance_us, max_trials, len(tiles))
+    return kind._program_together(tiles, targets, mask, tolerance, trials, reference)

@@ -24,7 +24,7 @@ from firmware_protocol import messages as m
 from firmware_protocol.errors import ProtocolError, UnknownMessageError
 from firmware_protocol.framing import FLAG_MORE, MAX_PAYLOAD, VERSION, Frame, FrameDecoder, encode_frame
 
-FIRMWARE_VERSION = (0, 1, 0)
+FIRMWARE_VERSION = (0, 2, 0)
 WIDEST_CODE_BITS = 16  # the protocol carries codes in at most 16 bits (SPEC.md §4.2-4.3)
 _CAPABILITY_BITS = {Capability(c.name): int(c) for c in m.Capabilities}
 
@@ -160,9 +160,9 @@ class BoardFirmware:
             raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"input codes beyond +-{top}")
         x = torch.from_numpy(request.codes.astype(np.float32)) / top
         if request.transpose:
-            currents, lsb = tile.backward(x), tile.backward_adc.lsb
+            currents, lsb = tile.backward(x, request.outputs), tile.backward_adc.lsb
         else:
-            currents, lsb = tile.forward(x), tile.forward_adc.lsb
+            currents, lsb = tile.forward(x, request.outputs), tile.forward_adc.lsb
         dtype = np.int8 if tile.spec.output_bits <= 8 else np.int16
         codes = torch.round(currents.cpu() / lsb).numpy().astype(dtype)
         return m.Products(request.tile, request.transpose, codes)

@@ -121,8 +121,9 @@ class InstrumentTile(Tile):
         self.counters.verify_trials += int(trials.sum())
         return ProgramResult(reached_us=reached, trials=trials, failed=failed, tolerance_us=tolerance_us)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = self.read_conductances() - self.reference_us
+    def _forward(self, x: torch.Tensor, outputs: int) -> torch.Tensor:
+        rows = x.shape[1]
+        weights = self.read_conductances((0, rows, 0, outputs)) - self.reference_us
         self.counters.products += len(x)
         return self.spec.v_read * (x.float() @ weights)
 

@@ -71,20 +71,21 @@ class SerialTile(Tile):
         return self.board_info.default_max_trials
 
     # ---- products -------------------------------------------------------------------------
-    def _products(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    def _products(self, x: torch.Tensor, transpose: bool, outputs: int) -> torch.Tensor:
         codes = input_codes(x.to(torch.float32), self.spec.input_bits).numpy().astype(self._input_dtype)
         lsb = self.board_info.backward_lsb_ua if transpose else self.board_info.forward_lsb_ua
         parts = []
         for start in range(0, max(len(codes), 1), MAX_BATCH):
-            reply = self.link.request(m.Forward(self.index, transpose, codes[start : start + MAX_BATCH]), m.Products)
+            request = m.Forward(self.index, transpose, codes[start : start + MAX_BATCH], outputs)
+            reply = self.link.request(request, m.Products)
             parts.append(torch.from_numpy(reply.codes.astype(np.float32)) * lsb)
         return torch.cat(parts)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._products(x.cpu(), transpose=False)
+    def _forward(self, x: torch.Tensor, outputs: int) -> torch.Tensor:
+        return self._products(x.cpu(), False, outputs)
 
-    def _backward(self, d: torch.Tensor) -> torch.Tensor:
-        return self._products(d.cpu(), transpose=True)
+    def _backward(self, d: torch.Tensor, outputs: int) -> torch.Tensor:
+        return self._products(d.cpu(), True, outputs)
 
     # ---- conductances ---------------------------------------------------------------------
     def _read(self, array: int, window: Window) -> torch.Tensor:

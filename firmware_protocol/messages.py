@@ -151,37 +151,46 @@ class Info(Message):
 
 
 _PRODUCT_HEAD = struct.Struct("<BBBxH")  # tile, flags, code_bytes, pad, batch
+_FORWARD_HEAD = struct.Struct("<BBBxHH")  # the same, then outputs
 
 
-def _products_encode(self) -> bytes:
-    codes = np.ascontiguousarray(self.codes)
+def _codes_bytes(message: Message) -> bytes:
+    codes = np.ascontiguousarray(message.codes)
     if codes.ndim != 2 or codes.dtype not in (np.int8, np.int16):
-        raise ProtocolError(f"{type(self).__name__}: codes must be a 2-D int8 or int16 array")
-    head = _PRODUCT_HEAD.pack(self.tile, int(self.transpose), codes.dtype.itemsize, codes.shape[0])
-    return head + codes.astype(codes.dtype.newbyteorder("<")).tobytes()
+        raise ProtocolError(f"{type(message).__name__}: codes must be a 2-D int8 or int16 array")
+    return codes.astype(codes.dtype.newbyteorder("<")).tobytes()
 
 
-def _products_decode(cls, payload: bytes):
-    tile, flags, code_bytes, batch = _head(_PRODUCT_HEAD, payload, cls.__name__)
-    dtype = _code_dtype(code_bytes, cls.__name__)
-    data = len(payload) - _PRODUCT_HEAD.size
+def _codes_from(payload: bytes, head: struct.Struct, code_bytes: int, batch: int, name: str) -> np.ndarray:
+    """The (batch, width) codes after ``head``; the width follows from the payload's length."""
+    dtype = _code_dtype(code_bytes, name)
+    data = len(payload) - head.size
     if batch == 0 or data % (batch * code_bytes):
-        raise PayloadError(f"{cls.__name__}: {data} data bytes do not split into {batch} samples")
-    width = data // (batch * code_bytes)
-    codes = _array(payload, _PRODUCT_HEAD.size, dtype, (batch, width), cls.__name__)
-    return cls(tile, bool(flags & 1), codes.astype(np.dtype(dtype).newbyteorder("=")))
+        raise PayloadError(f"{name}: {data} data bytes do not split into {batch} samples")
+    codes = _array(payload, head.size, dtype, (batch, data // (batch * code_bytes)), name)
+    return codes.astype(np.dtype(dtype).newbyteorder("="))
 
 
 @dataclass(frozen=True, eq=False)
 class Forward(Message):
-    """A batch of signed input codes (batch, width); transpose=True runs the transposed array."""
+    """A batch of signed input codes (batch, width) driving the first ``width`` inputs, and how
+    many of the first outputs to convert; transpose=True runs the transposed array."""
 
     TYPE = 0x02
     tile: int
     transpose: bool
     codes: np.ndarray
-    encode = _products_encode
-    decode = classmethod(_products_decode)
+    outputs: int
+
+    def encode(self) -> bytes:
+        body = _codes_bytes(self)
+        head = _FORWARD_HEAD.pack(self.tile, int(self.transpose), self.codes.dtype.itemsize, self.codes.shape[0], self.outputs)
+        return head + body
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Forward:
+        tile, flags, code_bytes, batch, outputs = _head(_FORWARD_HEAD, payload, cls.__name__)
+        return cls(tile, bool(flags & 1), _codes_from(payload, _FORWARD_HEAD, code_bytes, batch, cls.__name__), outputs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -192,8 +201,15 @@ class Products(Message):
     tile: int
     transpose: bool
     codes: np.ndarray
-    encode = _products_encode
-    decode = classmethod(_products_decode)
+
+    def encode(self) -> bytes:
+        body = _codes_bytes(self)
+        return _PRODUCT_HEAD.pack(self.tile, int(self.transpose), self.codes.dtype.itemsize, self.codes.shape[0]) + body
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Products:
+        tile, flags, code_bytes, batch = _head(_PRODUCT_HEAD, payload, cls.__name__)
+        return cls(tile, bool(flags & 1), _codes_from(payload, _PRODUCT_HEAD, code_bytes, batch, cls.__name__))
 
 
 _WINDOW = struct.Struct("<BBHHHH")  # tile, array, r0, r1, c0, c1

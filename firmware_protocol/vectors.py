@@ -1,6 +1,6 @@
 """Golden test vectors: example messages, their fields as JSON and their exact wire frames.
 
-``python -m firmware_protocol.vectors`` rewrites vectors/v1.json from ``EXAMPLES``; the tests
+``python -m firmware_protocol.vectors`` rewrites vectors/v2.json from ``EXAMPLES``; the tests
 check the committed file both ways, and a C implementation can check itself against it.
 Arrays are written as {"dtype", "shape", "data"} with NaN as null.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from firmware_protocol import messages as m
-from firmware_protocol.framing import decode_frame, encode_frame
+from firmware_protocol.framing import VERSION, decode_frame, encode_frame
 
-PATH = Path(__file__).parent / "vectors" / "v1.json"
+PATH = Path(__file__).parent / "vectors" / "v2.json"
 
 
 def _examples() -> list[tuple[str, int, m.Message]]:
@@ -26,11 +26,11 @@ def _examples() -> list[tuple[str, int, m.Message]]:
     targets[0, 0], targets[2, 3] = 12.5, 30.0
     big_targets = np.linspace(7.6, 31.3, 16 * 16, dtype=np.float32).reshape(16, 16)
     return [
-        ("hello", 1, m.Hello(1)),
-        ("info", 2, m.Info(1, 0, 1, 0, 4, 64, 64, 8, 8, 16, 31, 100_000_000, 7.5, 31.25, 0.125, 0.25, 0.25,
+        ("hello", 1, m.Hello(2)),
+        ("info", 2, m.Info(2, 0, 1, 0, 4, 64, 64, 8, 8, 16, 31, 100_000_000, 7.5, 31.25, 0.125, 0.25, 0.25,
                              0.125, 1024, 1000, 0.75, 20)),
-        ("forward", 3, m.Forward(0, False, np.array([[1, -2, 3], [127, -127, 0]], dtype=np.int8))),
-        ("forward_transpose_16bit", 4, m.Forward(2, True, np.array([[1000, -1000]], dtype=np.int16))),
+        ("forward", 3, m.Forward(0, False, np.array([[1, -2, 3], [127, -127, 0]], dtype=np.int8), 2)),
+        ("forward_transpose_16bit", 4, m.Forward(2, True, np.array([[1000, -1000]], dtype=np.int16), 64)),
         ("products", 3, m.Products(0, False, np.array([[5, -5], [0, 127]], dtype=np.int8))),
         ("read_map", 5, m.ReadMap(1, 0, 0, 2, 3, 5)),
         ("map", 5, m.Map(1, 0, 0, 2, 3, 5, np.array([[100, 200], [300, 65535]], dtype=np.uint16))),
@@ -110,5 +110,5 @@ def check(vectors: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    PATH.write_text(json.dumps({"protocol_version": 1, "vectors": build()}, indent=1) + "\n")
+    PATH.write_text(json.dumps({"protocol_version": VERSION, "vectors": build()}, indent=1) + "\n")
     print(f"wrote {len(EXAMPLES)} vectors to {PATH}")

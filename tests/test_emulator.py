@@ -29,6 +29,26 @@ def test_ideal_products_equal_conductance_weighted_sums(ideal_config):
     assert torch.allclose(tile.backward(d), tile.spec.v_read * d @ weights.T, atol=1e-4)
 
 
+def test_a_product_on_part_of_the_tile_drives_and_converts_only_that_part(ideal_config):
+    tile = build_emulator(ideal_config)[0]
+    g = torch.Generator().manual_seed(0)
+    tile.program_verify(random_targets(tile.spec, g))
+    x = torch.rand(16, 64, generator=g) * 2 - 1
+    x[:, 25:] = 0  # undriven rows are held at 0 V
+    start = tile.counters.cycles
+    full = tile.forward(x)
+    middle = tile.counters.cycles
+    part = tile.forward(x[:, :25], outputs=6)
+    assert torch.allclose(part, full[:, :6], atol=1e-4)
+    # 8 columns share an ADC: all 64 outputs take 8 conversion phases per sample, 6 outputs 6.
+    per_phase = tile.spec.input_bits + 1  # bit-serial input pulses, then one conversion
+    assert (middle - start, tile.counters.cycles - middle) == (16 * 8 * per_phase, 16 * 6 * per_phase)
+    assert torch.allclose(tile.backward(x[:, :6], outputs=30), tile.backward(torch.nn.functional.pad(x[:, :6], (0, 58)))[:, :30], atol=1e-4)
+    # The products follow programming at once (the tile keeps G - G_ref between changes).
+    tile.program_verify(torch.full((64, 64), tile.spec.g_max_us))
+    assert torch.allclose(tile.forward(x), tile.spec.v_read * x @ (tile.devices.g - tile.references.g), atol=1e-4)
+
+
 def test_inputs_are_quantised_to_dac_codes():
     config = make_config(**{**IDEAL, "periphery": {**IDEAL["periphery"], "input_bits": 3}})
     tile = build_emulator(config)[0]
@@ -195,8 +215,10 @@ def test_config_files_load_and_bad_ones_name_file_and_field(tmp_path):
 def test_bad_calls_raise_clear_errors_and_leave_state_intact():
     tile = open_board("emulator:")[0]
     before = tile.devices.g.clone()
-    with pytest.raises(ShapeError, match=r"\(batch, 64\)"):
-        tile.forward(torch.zeros(2, 63))
+    with pytest.raises(ShapeError, match=r"1 <= k <= 64"):
+        tile.forward(torch.zeros(2, 65))
+    with pytest.raises(ShapeError, match="outputs"):
+        tile.forward(torch.zeros(2, 64), outputs=0)
     with pytest.raises(ShapeError, match=r"\(64, 64\)"):
         tile.apply_pulses(torch.zeros(64, 65, dtype=torch.int64))
     with pytest.raises(ShapeError, match="integer"):

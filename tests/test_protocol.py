@@ -18,7 +18,7 @@ from firmware_protocol.errors import (
     UnknownMessageError,
     VersionError,
 )
-from firmware_protocol.framing import MAX_PAYLOAD, Frame, FrameDecoder, crc16, decode_frame, encode_frame
+from firmware_protocol.framing import MAX_PAYLOAD, VERSION, Frame, FrameDecoder, crc16, decode_frame, encode_frame
 from firmware_protocol.vectors import EXAMPLES, PATH, check
 
 u8, u16 = st.integers(0, 0xFF), st.integers(0, 0xFFFF)
@@ -42,7 +42,7 @@ MESSAGES = st.one_of(
     st.builds(m.Hello, u8),
     st.builds(m.Info, u8, u8, u8, u8, u16, u16, u16, u8, u8, u16, u8, st.integers(0, 2**32 - 1),
               f32, f32, f32, f32, f32, f32, u16, u16, f32, u16),
-    st.builds(m.Forward, u8, st.booleans(), st.one_of(matrix(np.int8, int8s), matrix(np.int16, int16s))),
+    st.builds(m.Forward, u8, st.booleans(), st.one_of(matrix(np.int8, int8s), matrix(np.int16, int16s)), u16),
     st.builds(m.Products, u8, st.booleans(), st.one_of(matrix(np.int8, int8s), matrix(np.int16, int16s))),
     st.builds(m.ReadMap, u8, u8, u16, u16, u16, u16),
     shapes.flatmap(lambda s: st.builds(m.Map, u8, u8, st.just(0), st.just(s[0]), st.just(3), st.just(3 + s[1]),
@@ -131,9 +131,9 @@ def test_each_malformation_has_its_own_error():
     with pytest.raises(TruncatedFrameError):
         decode_frame(raw_frame(b"\x01\x01"))
     with pytest.raises(BadLengthError, match="says 5 bytes"):
-        decode_frame(raw_frame(bytes([1, 1, 0, 0, 0, 5, 0, 1])))
+        decode_frame(raw_frame(bytes([VERSION, 1, 0, 0, 0, 5, 0, 1])))
     with pytest.raises(VersionError):
-        decode_frame(raw_frame(bytes([2, 1, 0, 0, 0, 0, 0])))
+        decode_frame(raw_frame(bytes([VERSION + 1, 1, 0, 0, 0, 0, 0])))
     with pytest.raises(UnknownMessageError):
         m.decode_message(0x42, b"")
     with pytest.raises(PayloadError, match="Hello"):

@@ -14,6 +14,7 @@ from cim_hil.config import LinkConfig
 from cim_hil.emulator.board import build_emulator
 from cim_hil.errors import BoardError, UnsafeValueError
 from cim_hil.nn import MappingConfig, convert_to_analog
+from cim_hil.tile import products_together, program_together
 from cim_hil.training.optimizer import MixedPrecisionOptimizer
 from drivers.faults import FaultPlan
 from drivers.firmware import BoardFirmware
@@ -56,12 +57,20 @@ def _session(board, inputs):
         tile.program_verify(inputs["targets"], inputs["mask"]),
         tile.forward(inputs["x"]),
         tile.backward(inputs["x"]),
+        tile.forward(inputs["x"][:, :20], outputs=7),  # a layer smaller than the tile
+        tile.backward(inputs["x"][:, :9], outputs=30),
         tile.read_conductances(),
         tile.read_conductances((3, 9, 0, 5)),
         tile.read_reference(),
         tile.apply_pulses(inputs["sparse"]),
         tile.apply_pulses(inputs["dense"]),
         tile.read_conductances(),
+        # Both tiles at once: the in-process emulator batches them, the serial board sends them
+        # one by one; each tile's numbers must not depend on that.
+        products_together(list(board), inputs["x"][:, :20].expand(2, -1, -1), [7, 32]),
+        products_together(list(board), inputs["x"].expand(2, -1, -1), [32, 5], transpose=True),
+        program_together(list(board), inputs["targets"].expand(2, -1, -1), inputs["mask"].expand(2, -1, -1)),
+        board[0].read_conductances(),
     ]
 
 
@@ -152,10 +161,10 @@ def test_a_board_that_stops_answering_mid_transfer_is_named():
 
 
 def test_protocol_version_mismatch_is_refused_clearly():
-    board = VirtualBoard(SMALL, protocol_version=2)
+    board = VirtualBoard(SMALL, protocol_version=1)  # a board with the previous firmware
     url = board.open_pty()
     board.start()
-    with pytest.raises(BoardError, match="speaks protocol version 2.*this host speaks protocol version 1"):
+    with pytest.raises(BoardError, match="speaks protocol version 1.*this host speaks protocol version 2"):
         open_board(url, QUICK)
     board.stop()
 

@@ -8,13 +8,19 @@ exactly as on the bench.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from cim_hil.config import DeviceConfig
 
 
 class DeviceArray:
-    """``rows x cols`` devices; ``g`` holds the true conductances (uS), unseen by the host."""
+    """``rows x cols`` devices; ``g`` holds the true conductances (uS), unseen by the host.
+
+    Every change replaces ``g`` with a new tensor and never writes into it, so whoever keeps
+    something derived from it (the tile's G - G_ref) can tell by identity whether it is current.
+    """
 
     def __init__(self, config: DeviceConfig, rows: int, cols: int, generator: torch.Generator) -> None:
         """Parameters are drawn from ``generator``, on its device (CPU or CUDA)."""
@@ -46,7 +52,7 @@ class DeviceArray:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name in self.STATE:
-            setattr(self, name, state[name].to(self.g.device))
+            setattr(self, name, state[name].to(self.g.device).clone())
 
     def symmetry_point(self) -> torch.Tensor:
         """G* where an up and a down step cancel on average (analytic, for tests and reports)."""
@@ -72,12 +78,29 @@ class DeviceArray:
             moved = step.add_(self.g).clamp_(self.g_min, self.g_max)
             self.g = torch.where((remaining > k) & movable, moved, self.g)
 
-    def write_trial(self, targets: torch.Tensor, selected: torch.Tensor, error_us: float) -> None:
-        """One write-verify programming trial: selected devices land near target, with error."""
-        landed = targets + error_us * self._randn() if error_us else targets
-        landed = torch.clamp(landed, self.g_min, self.g_max)
-        self.g = torch.where(selected & ~self.stuck, landed, self.g)
-
     def read(self, noise_us: float) -> torch.Tensor:
         """One read of every device with fresh read noise."""
         return self.g + noise_us * self._randn() if noise_us else self.g.clone()
+
+
+def write_verify_trials(
+    g: torch.Tensor, g_min: torch.Tensor, g_max: torch.Tensor, stuck: torch.Tensor, targets: torch.Tensor,
+    errors: torch.Tensor, read_noise: torch.Tensor, convert: Callable[[torch.Tensor], torch.Tensor],
+    tolerance_us: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Write-verify of n devices (flat tensors of their state and targets), all trials at once.
+
+    Trial t lands each device at target + ``errors[t]`` (within its bounds; a stuck device
+    stays put) and reads it back with ``read_noise[t]`` through ``convert``; a device stops at
+    its first read within ``tolerance_us``. The trials are independent, so drawing them all up
+    front ((trials, n) each) and keeping each device's first accepted trial is exactly the
+    trial-by-trial loop. Returns the new conductances, the accepted (else last) reads, the
+    trials each device took, and which devices failed.
+    """
+    landed = torch.where(stuck, g, torch.maximum(torch.minimum(targets + errors, g_max), g_min))
+    reads = convert(landed + read_noise)
+    accepted = (reads - targets).abs() <= tolerance_us
+    passed, first = accepted.to(torch.uint8).max(dim=0)  # the first maximum's index: first accepted trial
+    passed = passed.bool()
+    last = torch.where(passed, first, len(accepted) - 1).unsqueeze(0)
+    return landed.gather(0, last)[0], reads.gather(0, last)[0], last[0] + 1, ~passed

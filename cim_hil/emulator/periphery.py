@@ -16,12 +16,7 @@ def top_code(bits: int) -> int:
 
 def input_codes(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Inputs in [-1, 1] as the nearest signed DAC codes (SPEC.md §4.2 sends exactly these)."""
-    return torch.round(x.clamp(-1.0, 1.0) * top_code(bits))
-
-
-def quantise_input(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inputs in [-1, 1] to the nearest signed DAC code (sign + ``bits - 1`` magnitude bits)."""
-    return input_codes(x, bits) / top_code(bits)
+    return x.clamp(-1.0, 1.0).mul_(top_code(bits)).round_()
 
 
 class ADC:
@@ -37,9 +32,9 @@ class ADC:
         self.lsb = full_scale / self.top_code
         self.noise = noise
 
-    def convert(self, analog: torch.Tensor) -> torch.Tensor:
-        codes = torch.round(analog / self.lsb).clamp(-self.top_code, self.top_code)
-        return codes * self.lsb
+    def convert_(self, analog: torch.Tensor) -> torch.Tensor:
+        """Snap ``analog`` to the ADC's codes, in place (products are large; no copy)."""
+        return analog.div_(self.lsb).round_().clamp_(-self.top_code, self.top_code).mul_(self.lsb)
 
 
 def quantise_unsigned(values: torch.Tensor, bits: int, full_scale: float) -> torch.Tensor:

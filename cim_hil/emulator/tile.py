@@ -12,8 +12,8 @@ from dataclasses import asdict
 import torch
 
 from cim_hil.config import EmulatorConfig
-from cim_hil.emulator.devices import DeviceArray
-from cim_hil.emulator.periphery import ADC, quantise_input, quantise_unsigned
+from cim_hil.emulator.devices import DeviceArray, write_verify_trials
+from cim_hil.emulator.periphery import ADC, input_codes, quantise_unsigned, top_code
 from cim_hil.emulator.timing import TimingModel
 from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
 
@@ -59,6 +59,7 @@ class EmulatedTile(Tile):
         self.read_lsb_us = self.read_full_scale_us / (2**per.output_bits - 1)
         # Without reference devices the periphery subtracts a fixed mid-range current.
         self.fixed_reference_us = (dev.g_min_us + dev.g_max_us) / 2
+        self._kept_weights: tuple | None = None
 
     @property
     def default_tolerance_us(self) -> float:
@@ -87,21 +88,69 @@ class EmulatedTile(Tile):
 
     # ---- products -------------------------------------------------------------------------
     def _weights(self) -> torch.Tensor:
+        """G - G_ref of every device. Kept until either array's state tensor is replaced: the
+        device model replaces ``g`` on every change, never writes into it."""
+        g = self.devices.g
         reference = self.references.g if self.references is not None else self.fixed_reference_us
-        return self.devices.g - reference
+        kept = self._kept_weights
+        if kept is None or kept[0] is not g or kept[1] is not reference:
+            kept = self._kept_weights = (g, reference, g - reference)
+        return kept[2]
 
-    def _product(self, x: torch.Tensor, matrix: torch.Tensor, adc: ADC) -> torch.Tensor:
-        codes = quantise_input(x.to(self.device, torch.float32), self.spec.input_bits)
-        currents = self.spec.v_read * (codes @ matrix)
+    def _forward(self, x: torch.Tensor, outputs: int) -> torch.Tensor:
+        return self._products_together([self], x.unsqueeze(0), [outputs], transpose=False)[0]
+
+    def _backward(self, d: torch.Tensor, outputs: int) -> torch.Tensor:
+        return self._products_together([self], d.unsqueeze(0), [outputs], transpose=True)[0]
+
+    @classmethod
+    def _products_together(
+        cls, tiles: list[EmulatedTile], x: torch.Tensor, outputs: list[int], transpose: bool
+    ) -> torch.Tensor:
+        """All tiles' products as one batched matrix product. Each tile's noise comes from its
+        own generator, drawn as a lone product would draw it, so the numbers do not depend on
+        which tiles run together."""
+        first = tiles[0]
+        if any(tile.config is not first.config or tile.device != first.device for tile in tiles):
+            return super()._products_together(tiles, x, outputs, transpose)
+        top = top_code(first.spec.input_bits)
+        codes = input_codes(x.to(first.device, torch.float32), first.spec.input_bits)
+        driven, widest = codes.shape[2], max(outputs)
+        if transpose:
+            matrices = torch.stack([tile._weights()[:widest, :driven] for tile in tiles]).transpose(1, 2)
+        else:
+            matrices = torch.stack([tile._weights()[:driven, :widest] for tile in tiles])
+        currents = torch.bmm(codes, matrices).mul_(first.spec.v_read / top)
         # Fresh read noise on every device of a product adds, per output, a Gaussian whose std
         # is sigma_read * |input| (exact in distribution, no noise matrix per sample); the ADC's
         # own Gaussian noise adds in quadrature, so one draw serves both.
-        devices_per_weight = 2 if self.references is not None else 1
-        read_std = self.spec.v_read * self.read_noise_us * math.sqrt(devices_per_weight)
+        adc = first.backward_adc if transpose else first.forward_adc
+        devices_per_weight = 2 if first.references is not None else 1
+        read_std = first.spec.v_read * first.read_noise_us * math.sqrt(devices_per_weight) / top
         if read_std or adc.noise:
-            std = torch.sqrt((read_std * codes.norm(dim=1, keepdim=True)) ** 2 + adc.noise**2)
-            currents = currents + std * torch.randn(currents.shape, generator=self.generator, device=self.device)
-        return adc.convert(currents)
+            std = codes.norm(dim=2, keepdim=True).mul_(read_std).square_().add_(adc.noise**2).sqrt_()
+            currents.addcmul_(std, first._noise_for(tiles, currents.shape[1], outputs))
+        adc.convert_(currents)
+        batch = currents.shape[1]
+        for index, (tile, width) in enumerate(zip(tiles, outputs)):
+            if width < widest:
+                currents[index, :, width:] = 0
+            tile._count_products(batch, width, transpose)
+        return currents
+
+    @staticmethod
+    def _noise_for(tiles: list[EmulatedTile], batch: int, outputs: list[int]) -> torch.Tensor:
+        """Standard normal draws (tiles, batch, max(outputs)), tile i's from its own stream as a
+        lone (batch, outputs[i]) draw, zero beyond its outputs."""
+        widest = max(outputs)
+        noise = torch.empty(len(tiles), batch, widest, device=tiles[0].device)
+        for tile, width, draws in zip(tiles, outputs, noise):
+            if width == widest:
+                draws.normal_(generator=tile.generator)
+            else:
+                draws[:, :width] = torch.randn((batch, width), generator=tile.generator, device=tile.device)
+                draws[:, width:] = 0
+        return noise
 
     def _count_products(self, batch: int, outputs: int, transpose: bool) -> None:
         c = self.counters
@@ -111,16 +160,6 @@ class EmulatedTile(Tile):
             c.transpose_products += batch
         else:
             c.products += batch
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._product(x, self._weights(), self.forward_adc)
-        self._count_products(x.shape[0], self.spec.cols, transpose=False)
-        return y
-
-    def _backward(self, d: torch.Tensor) -> torch.Tensor:
-        y = self._product(d, self._weights().T, self.backward_adc)
-        self._count_products(d.shape[0], self.spec.rows, transpose=True)
-        return y
 
     # ---- conductances ---------------------------------------------------------------------
     def _read_array(self, array: DeviceArray, window: Window) -> torch.Tensor:
@@ -149,23 +188,67 @@ class EmulatedTile(Tile):
     def _program_verify(
         self, targets: torch.Tensor, mask: torch.Tensor, tolerance_us: float, max_trials: int, reference: bool
     ) -> ProgramResult:
-        array = self.references if reference else self.devices
-        targets, pending = targets.to(self.device), mask.to(self.device)
-        trials = torch.zeros(targets.shape, dtype=torch.int64, device=self.device)
-        reached = torch.full(targets.shape, float("nan"), device=self.device)
-        for _ in range(max_trials):
-            if not pending.any():
-                break
-            array.write_trial(targets, pending, self.programming_error_us)
-            trials += pending.to(torch.int64)
-            readback = quantise_unsigned(array.read(self.read_noise_us), self.spec.output_bits, self.read_full_scale_us)
-            reached = torch.where(pending, readback, reached)
-            rows_pending = int(pending.any(dim=1).sum())
-            self.counters.cycles += self.timing.verify_trial_cycles(rows_pending)
-            pulses = int(pending.sum())  # one programming pulse per pending device this trial
-            self.counters.energy_nj += self.timing.pulse_energy_nj(pulses)
-            self.counters.pulses += pulses
-            self.counters.device_reads += rows_pending * self.spec.cols
-            pending = pending & ((readback - targets).abs() > tolerance_us)
-        self.counters.verify_trials += int(trials.sum())
-        return ProgramResult(reached_us=reached, trials=trials, failed=pending, tolerance_us=tolerance_us)
+        result = self._program_together([self], targets.unsqueeze(0), mask.unsqueeze(0), tolerance_us, max_trials, reference)
+        return ProgramResult(result.reached_us[0], result.trials[0], result.failed[0], tolerance_us)
+
+    @classmethod
+    def _program_together(
+        cls, tiles: list[EmulatedTile], targets: torch.Tensor, mask: torch.Tensor, tolerance_us: float,
+        max_trials: int, reference: bool,
+    ) -> ProgramResult:
+        """Write-verify on all tiles' selected devices in one set of tensor operations; each
+        tile draws its trials' programming errors and read noise from its own stream."""
+        first = tiles[0]
+        if any(tile.config is not first.config or tile.device != first.device for tile in tiles):
+            return super()._program_together(tiles, targets, mask, tolerance_us, max_trials, reference)
+        arrays = [tile.references if reference else tile.devices for tile in tiles]
+        mask, targets = mask.to(first.device), targets.to(first.device)
+        shape = targets.shape
+        reached = torch.full(shape, float("nan"), device=first.device)
+        trials = torch.zeros(shape, dtype=torch.int64, device=first.device)
+        failed = torch.zeros(shape, dtype=torch.bool, device=first.device)
+        chosen = mask.flatten().nonzero().squeeze(1)
+        if chosen.numel():
+            counts = mask.flatten(1).sum(1).tolist()
+            # Each tile's standard normals for its devices' trials: (programming error, read noise).
+            draws = torch.cat([
+                torch.randn((2, max_trials, n), generator=tile.generator, device=tile.device)
+                for tile, n in zip(tiles, counts) if n
+            ], dim=2)
+            scale = torch.tensor([first.programming_error_us, first.read_noise_us], device=first.device)
+            errors, read_noise = draws.mul_(scale.view(2, 1, 1))
+            g = torch.stack([array.g for array in arrays]).flatten()
+            g_min, g_max, stuck = (torch.stack([getattr(a, name) for a in arrays]).flatten()[chosen]
+                                   for name in ("g_min", "g_max", "stuck"))
+            new_g, reads, taken, missed = write_verify_trials(
+                g[chosen], g_min, g_max, stuck, targets.flatten()[chosen], errors, read_noise, first._convert_read,
+                tolerance_us,
+            )
+            g[chosen] = new_g
+            for array, tile_g, n in zip(arrays, g.view(shape), counts):
+                if n:
+                    array.g = tile_g
+            reached.view(-1)[chosen], trials.view(-1)[chosen], failed.view(-1)[chosen] = reads, taken, missed
+            cls._count_verify(tiles, chosen, taken)
+        return ProgramResult(reached_us=reached, trials=trials, failed=failed, tolerance_us=tolerance_us)
+
+    def _convert_read(self, conductances: torch.Tensor) -> torch.Tensor:
+        return quantise_unsigned(conductances, self.spec.output_bits, self.read_full_scale_us)
+
+    @staticmethod
+    def _count_verify(tiles: list[EmulatedTile], chosen: torch.Tensor, trials: torch.Tensor) -> None:
+        """Trial t programs and reads back every row that still has a device pending, so a row
+        is busy for as many trials as its slowest device; one pulse per pending device."""
+        rows, cols = tiles[0].spec.rows, tiles[0].spec.cols
+        row_trials = torch.zeros(len(tiles) * rows, dtype=torch.int64, device=trials.device)
+        row_trials.scatter_reduce_(0, chosen // cols, trials, reduce="amax")
+        busy_rows = row_trials.view(len(tiles), rows).sum(1).tolist()
+        pulses = torch.zeros(len(tiles), dtype=torch.int64, device=trials.device)
+        pulses = pulses.index_add_(0, chosen // (rows * cols), trials).tolist()
+        for tile, busy, pulsed in zip(tiles, busy_rows, pulses):
+            c = tile.counters
+            c.cycles += tile.timing.verify_trial_cycles(busy)
+            c.energy_nj += tile.timing.pulse_energy_nj(pulsed)
+            c.pulses += pulsed
+            c.device_reads += busy * cols
+            c.verify_trials += pulsed
