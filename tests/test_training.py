@@ -59,6 +59,17 @@ def test_model_needing_more_tiles_than_the_board_has_is_refused_with_the_count()
         convert_to_analog(model, open_board("emulator:"))
 
 
+@pytest.mark.parametrize("geometry", [dict(stride=2, dilation=2, padding=(1, 2)), dict(stride=(1, 2), dilation=(2, 1))])
+def test_analog_convolution_matches_torch_for_strides_dilations_and_padding(geometry):
+    # The patch matrix and the per-patch input scale come from strided views of the image.
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 4, (3, 2), **geometry)
+    analog = convert_to_analog(nn.Sequential(conv), ideal_board(tiles=1))[0]
+    conv.weight.data = analog.weight.detach().reshape(conv.weight.shape).clone()
+    x = torch.randn(2, 3, 11, 9)
+    assert torch.allclose(analog(x), conv(x), atol=1e-4)
+
+
 def one_layer(tiles_config=None, mapping=None):
     board = build_emulator(tiles_config or make_config(soc=dict(tiles=1)))
     torch.manual_seed(3)
@@ -89,6 +100,8 @@ def test_chi_is_conserved_when_a_device_at_its_bound_refuses():
     before_weight = layer.weight.detach().clone()
     step_with_gradient(model, optimizer, -push_up * 2)
     applied = layer.weight.detach() - before_weight
+    chi = optimizer.state[layer.weight]["chi"]
+    assert applied.abs().min() > 0
     assert torch.allclose(chi + applied, torch.full_like(chi, -3.5 * layer.granularity), atol=1e-6)
 
 

@@ -16,16 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from cim_hil.nn.config import MappingConfig
-from cim_hil.nn.mapping import TileMapping
+from cim_hil.nn.mapping import LevelWrite, TileMapping, run_write_jobs
 from cim_hil.tile import Tile
 
 
 class _AnalogProduct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, mapping: TileMapping) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, mapping: TileMapping, peak: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.mapping = mapping
-        return mapping.forward(x)
+        return mapping.forward(x, peak)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -34,7 +34,7 @@ class _AnalogProduct(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = mapping.backward(grad_out) if mapping.analog_backward else grad_out @ weight
-        return grad_x, grad_out.T @ x, None
+        return grad_x, grad_out.T @ x, None, None
 
 
 class AnalogLayer(nn.Module):
@@ -65,19 +65,7 @@ class AnalogLayer(nn.Module):
         exactly that, and which devices were programmed (a device already at the bound it is
         pushed towards is not).
         """
-        if self.levels is None:
-            pulses = self.mapping.program_pulses(steps)
-            applied = pulses * self.granularity
-            self.weight.add_(applied)
-            return applied, pulses != 0
-        step = self.mapping.config.granularity_levels
-        wanted = (self.levels + steps * step).clamp(self.mapping.low, self.mapping.high)
-        reached = self.mapping.program_levels(wanted, previous=self.levels)
-        applied = self.mapping.weights_for(reached - self.levels)
-        programmed = wanted != self.levels
-        self.levels.copy_(reached)
-        self.weight.copy_(self.mapping.weights_for(reached))
-        return applied, programmed
+        return program_steps_together([self], [steps])[0]
 
     @torch.no_grad()
     def rewrite_devices(self) -> None:
@@ -88,8 +76,40 @@ class AnalogLayer(nn.Module):
         else:
             self.mapping.program_levels(self.levels, previous=None)
 
-    def _product(self, x: torch.Tensor) -> torch.Tensor:
-        return _AnalogProduct.apply(x, self.weight, self.mapping)
+    def _product(self, x: torch.Tensor, peak: torch.Tensor | None = None) -> torch.Tensor:
+        return _AnalogProduct.apply(x, self.weight, self.mapping, peak)
+
+
+@torch.no_grad()
+def program_steps_together(layers: list[AnalogLayer], steps: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:meth:`AnalogLayer.program_steps` for several layers, their write-verify in one call per
+    kind of device. Every device is programmed before any host copy changes, so if the board
+    fails midway the host still holds the state from before (a resume re-writes the devices).
+    """
+    wanted = {}
+    for index, (layer, layer_steps) in enumerate(zip(layers, steps)):
+        if layer.levels is not None:
+            mapping = layer.mapping
+            wanted[index] = (layer.levels + layer_steps * mapping.config.granularity_levels).clamp(mapping.low, mapping.high)
+    writes = {index: LevelWrite(layers[index].mapping, levels, layers[index].levels) for index, levels in wanted.items()}
+    reached_us = iter(run_write_jobs([job for write in writes.values() for job in write.jobs]))
+    reached = {index: write.levels_reached([next(reached_us) for _ in write.jobs]) for index, write in writes.items()}
+    pulses = {index: layer.mapping.program_pulses(layer_steps)
+              for index, (layer, layer_steps) in enumerate(zip(layers, steps)) if layer.levels is None}
+    # Every device has been programmed: now the host copies follow.
+    results = []
+    for index, layer in enumerate(layers):
+        if index in pulses:
+            applied = pulses[index] * layer.granularity
+            layer.weight.add_(applied)
+            results.append((applied, pulses[index] != 0))
+            continue
+        applied = layer.mapping.weights_for(reached[index] - layer.levels)
+        programmed = wanted[index] != layer.levels
+        layer.levels.copy_(reached[index])
+        layer.weight.copy_(layer.mapping.weights_for(reached[index]))
+        results.append((applied, programmed))
+    return results
 
 
 class AnalogLinear(AnalogLayer):
@@ -107,7 +127,7 @@ class AnalogLinear(AnalogLayer):
 
 
 class AnalogConv2d(AnalogLayer):
-    """A convolution as one matrix product over unfolded input patches (im2col)."""
+    """A convolution as one matrix product over the input's patches (im2col)."""
 
     def __init__(self, conv: nn.Conv2d, tiles: list[Tile], config: MappingConfig) -> None:
         super().__init__()
@@ -118,13 +138,30 @@ class AnalogConv2d(AnalogLayer):
         weight = conv.weight.detach().reshape(conv.out_channels, -1)
         self._setup(weight.shape[1], conv.out_channels, weight, conv.bias, tiles, config)
 
+    def _windows(self, x: torch.Tensor, dim: int, axis: int) -> torch.Tensor:
+        """Every kernel window along ``dim`` of a padded ``x`` as a new last dimension (a
+        strided view, no copy); ``axis`` 0 is the kernel's height, 1 its width."""
+        size, stride, dilation = self.kernel_size[axis], self.stride[axis], self.dilation[axis]
+        return x.unfold(dim, (size - 1) * dilation + 1, stride)[..., ::dilation]
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        (ph, pw) = self.padding
+        return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+
+    def _patch_peaks(self, x: torch.Tensor) -> torch.Tensor:
+        """The largest |input| of every patch, (N * out_h * out_w, 1), which scales that patch to
+        the DAC's range. A maximum separates over channels, rows and columns, so reducing the
+        image one dimension at a time costs a fraction of reducing the patch matrix."""
+        peaks = self._padded(x.detach().abs().amax(1))  # (N, H, W)
+        peaks = self._windows(peaks, 1, 0).amax(-1)  # (N, out_h, W)
+        return self._windows(peaks, 2, 1).amax(-1).reshape(-1, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        out_h = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        out_w = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-        y = self._product(rows)
+        # (N, out_h, out_w, C, kh, kw), a view: the patch matrix is built in one copy, about
+        # half the cost of F.unfold's im2col and the transpose after it.
+        patches = self._windows(self._windows(self._padded(x), 2, 0), 3, 1).permute(0, 2, 3, 1, 4, 5)
+        n, out_h, out_w = patches.shape[:3]
+        y = self._product(patches.reshape(n * out_h * out_w, -1), self._patch_peaks(x))
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(n, out_h * out_w, self.out_channels).transpose(1, 2).reshape(n, self.out_channels, out_h, out_w)
+        return y.reshape(n, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)

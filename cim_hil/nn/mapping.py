@@ -12,16 +12,82 @@ trainer can account for it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from cim_hil.errors import CapabilityError, ConfigError
 from cim_hil.nn.config import MappingConfig
-from cim_hil.tile import Capability, Tile, averaged_read
+from cim_hil.tile import Capability, Tile, averaged_read, products_together, program_together
 
 
 def tiles_needed(in_features: int, out_features: int, rows: int, cols: int) -> int:
     return math.ceil(in_features / rows) * math.ceil(out_features / cols)
+
+
+@dataclass
+class WriteJob:
+    """Devices of one layer's tiles to write-verify (its reference devices if ``reference``)."""
+
+    tiles: list[Tile]
+    targets_us: torch.Tensor  # (tiles, rows, cols)
+    mask: torch.Tensor  # (tiles, rows, cols)
+    reference: bool
+
+
+def run_write_jobs(jobs: list[WriteJob]) -> list[torch.Tensor]:
+    """Run the write jobs of many layers with one ``program_together`` call per kind of device
+    (weight, reference): a training step pays the call's cost once, not once per layer.
+    Returns each job's reached conductances (tiles, rows, cols), NaN where not programmed."""
+    reached: list[torch.Tensor] = [torch.empty(0)] * len(jobs)
+    for reference in (False, True):
+        chosen = [index for index, job in enumerate(jobs) if job.reference == reference]
+        if not chosen:
+            continue
+        result = program_together(
+            [tile for index in chosen for tile in jobs[index].tiles],
+            torch.cat([jobs[index].targets_us for index in chosen]),
+            torch.cat([jobs[index].mask for index in chosen]),
+            reference=reference,
+        )
+        parts = result.reached_us.cpu().split([len(jobs[index].tiles) for index in chosen])
+        for index, part in zip(chosen, parts):
+            reached[index] = part
+    return reached
+
+
+class LevelWrite:
+    """One mapping's write-verify to new levels, in two halves so that many layers can share
+    one ``run_write_jobs``: ``jobs`` says what to program, ``levels_reached`` reads the outcome."""
+
+    def __init__(self, mapping: TileMapping, levels: torch.Tensor, previous: torch.Tensor | None) -> None:
+        self.mapping = mapping
+        plus, self.minus = mapping._device_levels(levels)
+        old_plus, old_minus = mapping._device_levels(previous) if previous is not None else (None, None)
+        arrays = [(plus, old_plus, False)]
+        if mapping.spec.supports(Capability.REFERENCE) and (previous is None or mapping.config.differential):
+            arrays.append((self.minus, old_minus, True))
+        self.wanted = [wanted for wanted, _, _ in arrays]
+        self.changes = [
+            torch.ones_like(wanted, dtype=torch.bool) if before is None else wanted != before for wanted, before, _ in arrays
+        ]
+        self.jobs = [
+            WriteJob(mapping.tiles, mapping._to_tiles(mapping._conductance(wanted), mapping.spec.g_min_us),
+                     mapping._to_tiles(change, False), reference)
+            for (wanted, _, reference), change in zip(arrays, self.changes)
+        ]
+
+    def levels_reached(self, reached_us: list[torch.Tensor]) -> torch.Tensor:
+        """The relative levels the devices reached, from the jobs' reached conductances."""
+        mapping = self.mapping
+        levels = [
+            torch.where(change, mapping._level_of(mapping._from_tiles(torch.nan_to_num(reached, nan=0.0))), wanted)
+            for reached, change, wanted in zip(reached_us, self.changes, self.wanted)
+        ]
+        minus = levels[1] if len(levels) > 1 else self.minus
+        if mapping.config.differential:
+            return levels[0] - minus
+        return levels[0] - mapping.ref_level
 
 
 class TileMapping:
@@ -74,26 +140,23 @@ class TileMapping:
             return self.spec.supports(Capability.TRANSPOSE)
         return self.config.backward == "analog"
 
-    # ---- block bookkeeping ----------------------------------------------------------------
-    def _blocks(self):
-        """(tile, input slice, output slice) for every block."""
+    # ---- the grid of tiles ----------------------------------------------------------------
+    # Tile r * col_blocks + c holds the block of inputs r*rows.. and outputs c*cols.., transposed.
+    def _to_tiles(self, logical: torch.Tensor, fill) -> torch.Tensor:
+        """A logical (out, in) matrix as the stack (tiles, rows, cols) the tiles hold, padded with ``fill``."""
         rows, cols = self.spec.rows, self.spec.cols
-        for r in range(self.row_blocks):
-            for c in range(self.col_blocks):
-                ins = slice(r * rows, min((r + 1) * rows, self.in_features))
-                outs = slice(c * cols, min((c + 1) * cols, self.out_features))
-                yield self.tiles[r * self.col_blocks + c], ins, outs
+        grid = torch.full((self.row_blocks * rows, self.col_blocks * cols), fill, dtype=logical.dtype)
+        grid[: self.in_features, : self.out_features] = logical.T
+        return grid.view(self.row_blocks, rows, self.col_blocks, cols).transpose(1, 2).reshape(-1, rows, cols)
 
-    def _on_tile(self, block: torch.Tensor, fill) -> torch.Tensor:
-        """A logical (out, in) block as a full (rows, cols) tile matrix, padded with ``fill``."""
-        full = torch.full((self.spec.rows, self.spec.cols), fill, dtype=block.dtype)
-        full[: block.shape[1], : block.shape[0]] = block.T
-        return full
+    def _from_tiles(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The logical (out, in) matrix back from a stack (tiles, rows, cols)."""
+        rows, cols = self.spec.rows, self.spec.cols
+        grid = stacked.cpu().view(self.row_blocks, self.col_blocks, rows, cols).transpose(1, 2)
+        return grid.reshape(self.row_blocks * rows, self.col_blocks * cols)[: self.in_features, : self.out_features].T
 
-    @staticmethod
-    def _off_tile(full: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """The logical (out, in) block of ``shape`` back from a tile matrix."""
-        return full[: shape[1], : shape[0]].T.cpu()
+    def _block_widths(self, size: int, block: int, count: int) -> list[int]:
+        return [min(block, size - index * block) for index in range(count)]
 
     # ---- weights <-> levels ---------------------------------------------------------------
     def levels_for(self, weights: torch.Tensor) -> torch.Tensor:
@@ -102,7 +165,7 @@ class TileMapping:
         return torch.round(weights / step).clamp(self.low, self.high).to(torch.int64)
 
     def weights_for(self, levels: torch.Tensor) -> torch.Tensor:
-        return levels.to(torch.float32) * self.spacing * self.scale
+        return levels * (self.spacing * self.scale)
 
     def _device_levels(self, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Absolute device levels (plus device, reference device) for relative weight levels."""
@@ -111,12 +174,12 @@ class TileMapping:
         return levels + self.ref_level, torch.full_like(levels, self.ref_level)
 
     def _conductance(self, device_levels: torch.Tensor) -> torch.Tensor:
-        conductance = self.spec.g_min_us + device_levels.to(torch.float32) * self.spacing
-        return conductance.clamp(self.spec.g_min_us, self.spec.g_max_us)  # float rounding at the top
+        conductance = (device_levels * self.spacing).add_(self.spec.g_min_us)
+        return conductance.clamp_(self.spec.g_min_us, self.spec.g_max_us)  # float rounding at the top
 
     def _level_of(self, conductance: torch.Tensor) -> torch.Tensor:
         top = self.spec.levels - 1
-        return torch.round((conductance - self.spec.g_min_us) / self.spacing).clamp(0, top).to(torch.int64)
+        return conductance.sub(self.spec.g_min_us).div_(self.spacing).round_().clamp_(0, top).to(torch.int64)
 
     # ---- programming ----------------------------------------------------------------------
     def program_levels(self, levels: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
@@ -124,80 +187,67 @@ class TileMapping:
 
         Returns the relative levels the devices actually reached, read back after verify.
         """
-        plus, minus = self._device_levels(levels)
-        old_plus, old_minus = self._device_levels(previous) if previous is not None else (None, None)
-        reached_plus, reached_minus = plus.clone(), minus.clone()
-        for tile, ins, outs in self._blocks():
-            block = (outs, ins)
-            reached_plus[block] = self._program_block(tile, plus[block], None if old_plus is None else old_plus[block], reference=False)
-            if self.spec.supports(Capability.REFERENCE) and (previous is None or self.config.differential):
-                reached_minus[block] = self._program_block(
-                    tile, minus[block], None if old_minus is None else old_minus[block], reference=True
-                )
-        if self.config.differential:
-            return reached_plus - reached_minus
-        return reached_plus - self.ref_level
-
-    def _program_block(self, tile: Tile, wanted: torch.Tensor, before: torch.Tensor | None, reference: bool) -> torch.Tensor:
-        change = torch.ones_like(wanted, dtype=torch.bool) if before is None else wanted != before
-        if not change.any():
-            return wanted
-        targets = self._on_tile(self._conductance(wanted), self.spec.g_min_us)
-        mask = self._on_tile(change, False)
-        program = tile.program_reference if reference else tile.program_verify
-        result = program(targets, mask=mask)
-        reached = self._off_tile(self._level_of(torch.nan_to_num(result.reached_us.cpu(), nan=0.0)), wanted.shape)
-        return torch.where(change, reached, wanted)
+        write = LevelWrite(self, levels, previous)
+        return write.levels_reached(run_write_jobs(write.jobs))
 
     def program_pulses(self, counts: torch.Tensor) -> torch.Tensor:
         """Apply signed pulse counts (out, in); returns the counts the tiles applied."""
-        applied = torch.zeros_like(counts)
-        for tile, ins, outs in self._blocks():
-            block = counts[outs, ins]
-            if block.any():
-                done = tile.apply_pulses(self._on_tile(block, 0))
-                applied[outs, ins] = self._off_tile(done, block.shape)
-        return applied
+        stacked = self._to_tiles(counts, 0)
+        applied = torch.zeros_like(stacked)
+        for index, tile in enumerate(self.tiles):
+            if stacked[index].any():
+                applied[index] = tile.apply_pulses(stacked[index]).cpu()
+        return self._from_tiles(applied)
 
     def program_weights_open_loop(self, weights: torch.Tensor, reference_reads: int = 8) -> torch.Tensor:
         """Pulse mode start: write-verify each device to its reference + W / scale; returns the
         nominal W. References go to mid-range first, unless they are kept as calibrated."""
         middle = float(self._conductance(torch.tensor(self.ref_level)))
-        calibrated = self.config.reference == "calibrated"
-        reference = torch.full_like(weights, middle)
-        for tile, ins, outs in self._blocks():
-            if calibrated:
-                measured = averaged_read(tile.read_reference, reference_reads)
-                reference[outs, ins] = self._off_tile(measured, weights[outs, ins].shape)
-            elif self.spec.supports(Capability.REFERENCE):
-                tile.program_reference(torch.full((self.spec.rows, self.spec.cols), middle))
+        if self.config.reference == "calibrated":
+            measured = torch.stack([averaged_read(tile.read_reference, reference_reads) for tile in self.tiles])
+            reference = self._from_tiles(measured)
+        else:
+            reference = torch.full_like(weights, middle)
+            if self.spec.supports(Capability.REFERENCE):
+                everywhere = torch.full((len(self.tiles), self.spec.rows, self.spec.cols), middle)
+                program_together(self.tiles, everywhere, reference=True)
         targets = (reference + weights / self.scale).clamp(self.spec.g_min_us, self.spec.g_max_us)
-        for tile, ins, outs in self._blocks():
-            block = targets[outs, ins]
-            used = self._on_tile(torch.ones_like(block, dtype=torch.bool), False)
-            tile.program_verify(self._on_tile(block, self.spec.g_min_us), mask=used)
+        used = self._to_tiles(torch.ones_like(targets, dtype=torch.bool), False)
+        program_together(self.tiles, self._to_tiles(targets, self.spec.g_min_us), used)
         return (targets - reference) * self.scale
 
     # ---- products -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, in_features) -> x @ W.T (N, out_features), the products run on the tiles."""
-        return self._products(x, transpose=False)
+    def forward(self, x: torch.Tensor, peak: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, in_features) -> x @ W.T (N, out_features), the products run on the tiles.
+        ``peak`` (N, 1), the largest |x| of each sample, is computed here unless given."""
+        return self._products(x, False, peak)
 
     def backward(self, d: torch.Tensor) -> torch.Tensor:
         """d (N, out_features) -> d @ W (N, in_features) with transpose products on the tiles."""
-        return self._products(d, transpose=True)
+        return self._products(d, True, None)
 
-    def _products(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    def _products(self, x: torch.Tensor, transpose: bool, peak: torch.Tensor | None) -> torch.Tensor:
+        """All tiles at once: each gets its block of the inputs, and the partial products of the
+        blocks along the summed dimension are added on the host."""
         # Scale each sample to the DAC's full range, as the host driver of the chip does.
-        peak = x.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-        normalised = (x.detach() / peak).cpu()
-        width = self.in_features if transpose else self.out_features
-        out = torch.zeros(x.shape[0], width)
-        for tile, ins, outs in self._blocks():
-            src, dst = (outs, ins) if transpose else (ins, outs)
-            size = self.spec.cols if transpose else self.spec.rows
-            chunk = torch.zeros(x.shape[0], size)
-            chunk[:, : src.stop - src.start] = normalised[:, src]
-            currents = tile.backward(chunk) if transpose else tile.forward(chunk)
-            out[:, dst] += currents[:, : dst.stop - dst.start].cpu()
-        return (out.to(x.device) * (peak * self.scale / self.spec.v_read)).to(x.dtype)
+        x = x.detach()
+        peak = (x.abs().amax(dim=1, keepdim=True) if peak is None else peak).clamp_min(1e-12)
+        normalised = (x / peak).cpu()
+        n, width = normalised.shape
+        if transpose:  # inputs split by column block, outputs by row block; sum over columns
+            blocks, block, summed, kept = self.col_blocks, self.spec.cols, 1, self.row_blocks
+            outputs = [w for w in self._block_widths(self.in_features, self.spec.rows, kept) for _ in range(blocks)]
+        else:
+            blocks, block, summed, kept = self.row_blocks, self.spec.rows, 0, self.col_blocks
+            outputs = self._block_widths(self.out_features, self.spec.cols, kept) * blocks
+        driven = min(block, width)  # the widest input block
+        if blocks * driven > width:
+            normalised = torch.nn.functional.pad(normalised, (0, blocks * driven - width))
+        per_block = normalised.view(n, blocks, driven).transpose(0, 1)  # (blocks, n, driven)
+        grid = per_block.unsqueeze(0) if transpose else per_block.unsqueeze(1)  # tile (r, c) takes block c or r
+        inputs = grid.expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
+        currents = products_together(self.tiles, inputs, outputs, transpose).cpu()
+        partial = currents.view(self.row_blocks, self.col_blocks, n, -1)
+        partial = partial.sum(summed) if blocks > 1 else partial.select(summed, 0)  # (kept, n, block width)
+        out = partial.transpose(0, 1).reshape(n, -1)[:, : self.in_features if transpose else self.out_features]
+        return (out * (peak.to(out.device) * (self.scale / self.spec.v_read))).to(x.device, x.dtype)

@@ -9,22 +9,24 @@ where |chi| reaches the programming granularity epsilon (../shared/DOMAIN.md):
 so an update is never lost and never applied twice, whatever a device refuses. Digital
 parameters (biases) take the update directly.
 
-If a board error interrupts a step (a refused command, a pulled cable), the analog weight being
-programmed keeps its state from before the step; parameters earlier in the step keep their
-update, since their devices took it. On a multi-tile layer the tiles programmed before the
-link failed may hold one step more than the host knows; a resume re-writes the devices from
-the host's copy (``Trainer.resume``).
+A step changes nothing until every analog layer's devices are programmed: the updates are
+computed aside, all layers are programmed in one go (one write-verify call per step), and only
+then do chi, the rule's state, the host's weights and the biases move. If the board fails
+midway (a refused command, a pulled cable), the optimizer and the model keep their state from
+before the step; the tiles programmed before the failure may hold one step more than the host
+knows, and a resume re-writes the devices from the host's copy (``Trainer.resume``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import nn
 
-from cim_hil.errors import CimHilError
 from cim_hil.nn.convert import analog_layers
+from cim_hil.nn.layers import program_steps_together
 
 Rule = Literal["sgd", "adam"]
 
@@ -49,63 +51,61 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self.steps = 0
         self.last_step = {"devices_programmed": 0}
 
-    def _direction(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        """The update -lr * (rule's step) for one parameter; keeps the rule's own state."""
-        state = self.state[p]
-        grad = p.grad
+    @staticmethod
+    def _direction(grad: torch.Tensor, state: dict, group: dict) -> tuple[torch.Tensor, dict]:
+        """The update -lr * (rule's step) for one parameter, and the rule's new state (computed
+        aside, so a failed step leaves the old state as it was)."""
+        lr = group["lr"]
         if group["rule"] == "sgd":
-            if group["momentum"]:
-                buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(group["momentum"]).add_(grad)
-                grad = buf
-            return -group["lr"] * grad
+            if not group["momentum"]:
+                return grad * -lr, {}
+            buffer = grad.clone() if "momentum_buffer" not in state else state["momentum_buffer"] * group["momentum"] + grad
+            return buffer * -lr, {"momentum_buffer": buffer}
         beta1, beta2 = group["betas"]
-        state["step"] = state.get("step", 0) + 1
-        m = state.setdefault("exp_avg", torch.zeros_like(p))
-        v = state.setdefault("exp_avg_sq", torch.zeros_like(p))
-        m.mul_(beta1).add_(grad, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        m_hat = m / (1 - beta1 ** state["step"])
-        v_hat = v / (1 - beta2 ** state["step"])
-        return -group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])
+        step = state.get("step", 0) + 1
+        m = torch.lerp(state["exp_avg"], grad, 1 - beta1) if "exp_avg" in state else grad * (1 - beta1)
+        v = state["exp_avg_sq"] * beta2 if "exp_avg_sq" in state else torch.zeros_like(grad)
+        v.addcmul_(grad, grad, value=1 - beta2)
+        # Adam with bias correction, as torch.optim.Adam computes it.
+        denom = v.sqrt().div_(math.sqrt(1 - beta2**step)).add_(group["eps"])
+        update = m.div(denom).mul_(-lr / (1 - beta1**step))
+        return update, {"step": step, "exp_avg": m, "exp_avg_sq": v}
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        programmed = 0
+        new_states, digital, to_program = [], [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                update, new_state = self._direction(p.grad, self.state[p], group)
+                new_states.append((p, new_state))
                 layer = self._layers.get(id(p))
                 if layer is None:
-                    p.add_(self._direction(p, group))
+                    digital.append((p, update))
                     continue
-                before = {key: value.clone() if torch.is_tensor(value) else value for key, value in self.state[p].items()}
-                try:
-                    programmed += self._accumulate_and_program(p, layer, self._direction(p, group))
-                except CimHilError:
-                    # The board refused or vanished: this weight's chi and rule state go back to
-                    # before the step, matching its host copy, which program_steps left untouched.
-                    self.state[p] = before
-                    raise
+                chi = self.state[p]["chi"] + update if "chi" in self.state[p] else update
+                ratio = chi / layer.granularity
+                steps = torch.where(ratio.abs() >= 1, ratio.round(), 0).to(torch.int64)
+                new_state["chi"] = chi
+                new_state.setdefault("writes", self.state[p].get("writes", torch.zeros_like(chi, dtype=torch.int64)))
+                if steps.any():
+                    to_program.append((layer, steps, new_state))
+        # Every analog layer's devices at once; if the board fails here, no state has changed.
+        outcomes = program_steps_together([layer for layer, _, _ in to_program], [steps for _, steps, _ in to_program])
+        programmed = 0
+        for (_, _, new_state), (applied, was_programmed) in zip(to_program, outcomes):
+            new_state["chi"] = new_state["chi"] - applied
+            new_state["writes"] = new_state["writes"] + was_programmed.to(torch.int64)
+            programmed += int(was_programmed.sum())
+        for p, update in digital:
+            p.add_(update)
+        for p, new_state in new_states:
+            self.state[p].update(new_state)
         self.steps += 1
         self.last_step = {"devices_programmed": programmed}
         return loss
-
-    def _accumulate_and_program(self, p: torch.Tensor, layer, update: torch.Tensor) -> int:
-        state = self.state[p]
-        chi = state.setdefault("chi", torch.zeros_like(p))
-        writes = state.setdefault("writes", torch.zeros_like(p, dtype=torch.int64))
-        chi.add_(update)
-        epsilon = layer.granularity
-        steps = torch.where(chi.abs() >= epsilon, torch.round(chi / epsilon), torch.zeros_like(chi)).to(torch.int64)
-        if not steps.any():
-            return 0
-        applied, programmed = layer.program_steps(steps)
-        chi.sub_(applied)
-        writes.add_(programmed.to(torch.int64))
-        return int(programmed.sum())
 
     def write_statistics(self) -> dict[str, float]:
         """Programming events per analog weight, and the reduction against writing every
