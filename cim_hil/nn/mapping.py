@@ -132,7 +132,8 @@ class TileMapping:
             needed.add(Capability.TRANSPOSE)
         missing = sorted(str(c) for c in needed if not spec.supports(c))
         if missing:
-            raise CapabilityError(f"the board's tiles lack {', '.join(missing)} needed by this mapping")
+            hint = "; set mapping.differential = false" if config.differential and Capability.REFERENCE in missing else ""
+            raise CapabilityError(f"the board's tiles lack {', '.join(missing)} needed by this mapping{hint}")
 
     @property
     def analog_backward(self) -> bool:

@@ -45,7 +45,11 @@ class TrainConfig(_Strict):
     seed: int = Field(0, ge=0)
     train_limit: int | None = Field(None, ge=1, description="use only the first N training digits")
     test_limit: int | None = Field(None, ge=1, description="use only the first N test digits")
-    mapping: MappingConfig = MappingConfig()
+    mapping: MappingConfig = Field(
+        MappingConfig(differential=True),
+        description="differential by default: each weight on a device and its reference device, 31 levels instead "
+        "of 16 (within a point of float32 on LeNet); boards without reference devices need differential = false",
+    )
 
 
 def open_board_for(model: torch.nn.Module, url: str) -> Board:
