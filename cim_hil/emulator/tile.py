@@ -97,6 +97,13 @@ class EmulatedTile(Tile):
             kept = self._kept_weights = (g, reference, g - reference)
         return kept[2]
 
+    @staticmethod
+    def _one_chip(tiles: list[EmulatedTile]) -> bool:
+        """Whether the tiles share one configuration and torch device, so one batched tensor
+        operation can stand for all of them."""
+        first = tiles[0]
+        return all(tile.config is first.config and tile.device == first.device for tile in tiles)
+
     def _forward(self, x: torch.Tensor, outputs: int) -> torch.Tensor:
         return self._products_together([self], x.unsqueeze(0), [outputs], transpose=False)[0]
 
@@ -111,7 +118,7 @@ class EmulatedTile(Tile):
         own generator, drawn as a lone product would draw it, so the numbers do not depend on
         which tiles run together."""
         first = tiles[0]
-        if any(tile.config is not first.config or tile.device != first.device for tile in tiles):
+        if not cls._one_chip(tiles):
             return super()._products_together(tiles, x, outputs, transpose)
         top = top_code(first.spec.input_bits)
         codes = input_codes(x.to(first.device, torch.float32), first.spec.input_bits)
@@ -199,7 +206,7 @@ class EmulatedTile(Tile):
         """Write-verify on all tiles' selected devices in one set of tensor operations; each
         tile draws its trials' programming errors and read noise from its own stream."""
         first = tiles[0]
-        if any(tile.config is not first.config or tile.device != first.device for tile in tiles):
+        if not cls._one_chip(tiles):
             return super()._program_together(tiles, targets, mask, tolerance_us, max_trials, reference)
         arrays = [tile.references if reference else tile.devices for tile in tiles]
         mask, targets = mask.to(first.device), targets.to(first.device)

@@ -89,7 +89,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
                 ratio = chi / layer.granularity
                 steps = torch.where(ratio.abs() >= 1, ratio.round(), 0).to(torch.int64)
                 new_state["chi"] = chi
-                new_state.setdefault("writes", self.state[p].get("writes", torch.zeros_like(chi, dtype=torch.int64)))
+                writes = self.state[p].get("writes")
+                new_state["writes"] = torch.zeros_like(chi, dtype=torch.int64) if writes is None else writes
                 if steps.any():
                     to_program.append((layer, steps, new_state))
         # Every analog layer's devices at once; if the board fails here, no state has changed.
