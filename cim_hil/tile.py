@@ -268,24 +268,29 @@ class Tile(ABC):
         shape = (self.spec.rows, self.spec.cols) if tiles is None else (tiles, self.spec.rows, self.spec.cols)
         targets = self._matrix(targets_us, "targets", shape).to(torch.float32)
         mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else self._matrix(mask, "mask", shape).bool()
-        chosen = targets[mask.to(targets.device)]
+        self._check_targets(targets[mask.to(targets.device)])
+        return (targets, mask) + self._verify_limits(tolerance_us, max_trials)
+
+    def _check_targets(self, targets: torch.Tensor) -> None:
         low, high = self.spec.g_min_us, self.spec.g_max_us
-        safe = (chosen >= low) & (chosen <= high)  # false for NaN too
+        safe = (targets >= low) & (targets <= high)  # false for NaN too
         if not safe.all():
-            if not torch.isfinite(chosen).all():
+            if not torch.isfinite(targets).all():
                 raise UnsafeValueError("targets contain NaN or infinite values; nothing was programmed")
             outside = ~safe
             raise UnsafeValueError(
                 f"{int(outside.sum())} target(s) outside the safe conductance range "
-                f"[{low}, {high}] uS (e.g. {float(chosen[outside][0]):.3g} uS); nothing was programmed"
+                f"[{low}, {high}] uS (e.g. {float(targets[outside][0]):.3g} uS); nothing was programmed"
             )
+
+    def _verify_limits(self, tolerance_us: float | None, max_trials: int | None) -> tuple[float, int]:
         tolerance = self.default_tolerance_us if tolerance_us is None else float(tolerance_us)
         if not tolerance > 0:
             raise UnsafeValueError(f"tolerance_us must be positive, got {tolerance_us}")
         trials = self.default_max_trials if max_trials is None else int(max_trials)
         if trials < 1:
             raise UnsafeValueError(f"max_trials must be at least 1, got {max_trials}")
-        return targets, mask, tolerance, trials
+        return tolerance, trials
 
     # ---- several tiles at once (one layer spread over a board's tiles) --------------------
     @classmethod
@@ -298,24 +303,45 @@ class Tile(ABC):
         return result
 
     @classmethod
-    def _program_together(
-        cls, tiles: list[Tile], targets: torch.Tensor, mask: torch.Tensor, tolerance_us: float, max_trials: int,
-        reference: bool,
+    def _program_devices(
+        cls, tiles: list[Tile], devices: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor,
+        tolerance_us: float, max_trials: int,
     ) -> ProgramResult:
-        results = [
-            tile._program_verify(tile_targets, tile_mask, tolerance_us, max_trials, reference)
-            if tile_mask.any() else ProgramResult(
-                torch.full(tile_targets.shape, float("nan")), torch.zeros(tile_targets.shape, dtype=torch.int64),
-                torch.zeros(tile_targets.shape, dtype=torch.bool), tolerance_us,
-            )
-            for tile, tile_targets, tile_mask in zip(tiles, targets, mask)
-        ]
-        return ProgramResult(
-            reached_us=torch.stack([r.reached_us.cpu() for r in results]),
-            trials=torch.stack([r.trials.cpu() for r in results]),
-            failed=torch.stack([r.failed.cpu() for r in results]),
-            tolerance_us=tolerance_us,
+        """One tile after the other, its weight devices then its reference devices, each as one
+        ``_program_verify``; a backend that can program its tiles at once overrides this."""
+        rows, cols = tiles[0].spec.rows, tiles[0].spec.cols
+        reached = torch.full(devices.shape, float("nan"))
+        trials = torch.zeros(devices.shape, dtype=torch.int64)
+        failed = torch.zeros(devices.shape, dtype=torch.bool)
+        tile_of, place = devices.div(rows * cols, rounding_mode="floor"), devices % (rows * cols)
+        for index, tile in enumerate(tiles):
+            for is_reference in (False, True):
+                chosen = ((tile_of == index) & (reference == is_reference)).nonzero().squeeze(1)
+                if not chosen.numel():
+                    continue
+                mask = torch.zeros(rows * cols, dtype=torch.bool)
+                mask[place[chosen]] = True
+                tile_targets = torch.full((rows * cols,), tile.spec.g_min_us)
+                tile_targets[place[chosen]] = targets[chosen]
+                result = tile._program_verify(
+                    tile_targets.view(rows, cols), mask.view(rows, cols), tolerance_us, max_trials, is_reference
+                )
+                for into, values in ((reached, result.reached_us), (trials, result.trials), (failed, result.failed)):
+                    into[chosen] = values.cpu().flatten()[place[chosen]]
+        return ProgramResult(reached, trials, failed, tolerance_us)
+
+    @staticmethod
+    def _spread(result: ProgramResult, chosen: torch.Tensor, shape: tuple[int, ...]) -> ProgramResult:
+        """A result for the devices ``chosen`` (flat indices) laid out over ``shape``: NaN reads,
+        no trials and no failures where nothing was asked."""
+        device = result.reached_us.device
+        reached = torch.full(shape, float("nan"), device=device)
+        trials = torch.zeros(shape, dtype=torch.int64, device=device)
+        failed = torch.zeros(shape, dtype=torch.bool, device=device)
+        reached.view(-1)[chosen], trials.view(-1)[chosen], failed.view(-1)[chosen] = (
+            result.reached_us, result.trials, result.failed
         )
+        return ProgramResult(reached, trials, failed, result.tolerance_us)
 
 
 def _together(tiles: list[Tile], capability: Capability) -> type[Tile]:
@@ -356,6 +382,48 @@ def products_together(
     return kind._products_together(tiles, x, outputs, transpose)
 
 
+def program_devices(
+    tiles: list[Tile],
+    devices: torch.Tensor,
+    targets_us: torch.Tensor,
+    reference: bool | torch.Tensor = False,
+    tolerance_us: float | None = None,
+    max_trials: int | None = None,
+) -> ProgramResult:
+    """Write-verify chosen devices of several tiles at once, in one call whatever their tiles.
+
+    ``devices`` (k,) are flat indices into the stack (tiles, rows, cols), each device at most
+    once; ``targets_us`` (k,) their targets; ``reference`` (a bool, or one per device) whether
+    a device is the reference device at that place rather than the weight device. Every target
+    is checked before any device is programmed. The result holds one entry per device, in the
+    order given. A training step programs a few hundred devices spread over every tile of a
+    model: naming them costs a fraction of sending whole tiles with masks.
+    """
+    devices = torch.as_tensor(devices)
+    targets = torch.as_tensor(targets_us).to(torch.float32)
+    if devices.ndim != 1 or devices.is_floating_point() or devices.dtype == torch.bool:
+        raise ShapeError(f"devices must be a 1-D integer tensor, got {devices.dtype} of shape {tuple(devices.shape)}")
+    if targets.shape != devices.shape:
+        raise ShapeError(f"targets must have one entry per device ({len(devices)}), got {tuple(targets.shape)}")
+    reference = torch.as_tensor(reference, dtype=torch.bool).expand(devices.shape)
+    only_references = reference.numel() > 0 and bool(reference.all())
+    kind = _together(tiles, Capability.REFERENCE if only_references else Capability.WRITE_VERIFY)
+    if reference.any():
+        tiles[0]._require(Capability.REFERENCE)
+    spec = tiles[0].spec
+    devices = devices.to(torch.int64)
+    if devices.numel():
+        count = len(tiles) * spec.rows * spec.cols
+        if int(devices.min()) < 0 or int(devices.max()) >= count:
+            raise ShapeError(f"device indices must lie in [0, {count}) for {len(tiles)} tiles")
+        key = devices + reference * count
+        if key.unique().numel() != key.numel():
+            raise ShapeError("a device is named more than once; nothing was programmed")
+    tiles[0]._check_targets(targets)
+    tolerance, trials = tiles[0]._verify_limits(tolerance_us, max_trials)
+    return kind._program_devices(tiles, devices, targets, reference, tolerance, trials)
+
+
 def program_together(
     tiles: list[Tile],
     targets_us: torch.Tensor,
@@ -369,4 +437,8 @@ def program_together(
     Every target is checked before any tile is programmed. The result stacks the tiles'."""
     kind = _together(tiles, Capability.REFERENCE if reference else Capability.WRITE_VERIFY)
     targets, mask, tolerance, trials = tiles[0]._program_args(targets_us, mask, tolerance_us, max_trials, len(tiles))
-    return kind._program_together(tiles, targets, mask, tolerance, trials, reference)
+    chosen = mask.flatten().nonzero().squeeze(1)
+    result = kind._program_devices(
+        tiles, chosen, targets.flatten()[chosen], torch.tensor(reference).expand(chosen.shape), tolerance, trials
+    )
+    return Tile._spread(result, chosen, tuple(targets.shape))

@@ -195,63 +195,76 @@ class EmulatedTile(Tile):
     def _program_verify(
         self, targets: torch.Tensor, mask: torch.Tensor, tolerance_us: float, max_trials: int, reference: bool
     ) -> ProgramResult:
-        result = self._program_together([self], targets.unsqueeze(0), mask.unsqueeze(0), tolerance_us, max_trials, reference)
-        return ProgramResult(result.reached_us[0], result.trials[0], result.failed[0], tolerance_us)
+        chosen = mask.flatten().nonzero().squeeze(1)
+        result = self._program_devices(
+            [self], chosen, targets.flatten()[chosen], torch.full(chosen.shape, reference), tolerance_us, max_trials
+        )
+        return Tile._spread(result, chosen, tuple(targets.shape))
 
     @classmethod
-    def _program_together(
-        cls, tiles: list[EmulatedTile], targets: torch.Tensor, mask: torch.Tensor, tolerance_us: float,
-        max_trials: int, reference: bool,
+    def _program_devices(
+        cls, tiles: list[EmulatedTile], devices: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor,
+        tolerance_us: float, max_trials: int,
     ) -> ProgramResult:
-        """Write-verify on all tiles' selected devices in one set of tensor operations; each
-        tile draws its trials' programming errors and read noise from its own stream."""
+        """Write-verify of the named devices of all tiles in one set of tensor operations. Each
+        array (a tile's weight or reference devices) draws its devices' programming errors and
+        read noise from its tile's stream, in the order of a tile-by-tile loop, so the numbers
+        do not depend on which tiles run together."""
         first = tiles[0]
         if not cls._one_chip(tiles):
-            return super()._program_together(tiles, targets, mask, tolerance_us, max_trials, reference)
-        arrays = [tile.references if reference else tile.devices for tile in tiles]
-        mask, targets = mask.to(first.device), targets.to(first.device)
-        shape = targets.shape
-        reached = torch.full(shape, float("nan"), device=first.device)
-        trials = torch.zeros(shape, dtype=torch.int64, device=first.device)
-        failed = torch.zeros(shape, dtype=torch.bool, device=first.device)
-        chosen = mask.flatten().nonzero().squeeze(1)
-        if chosen.numel():
-            counts = mask.flatten(1).sum(1).tolist()
-            # Each tile's standard normals for its devices' trials: (programming error, read noise).
-            draws = torch.cat([
-                torch.randn((2, max_trials, n), generator=tile.generator, device=tile.device)
-                for tile, n in zip(tiles, counts) if n
-            ], dim=2)
-            scale = torch.tensor([first.programming_error_us, first.read_noise_us], device=first.device)
-            errors, read_noise = draws.mul_(scale.view(2, 1, 1))
-            g = torch.stack([array.g for array in arrays]).flatten()
-            g_min, g_max, stuck = (torch.stack([getattr(a, name) for a in arrays]).flatten()[chosen]
-                                   for name in ("g_min", "g_max", "stuck"))
-            new_g, reads, taken, missed = write_verify_trials(
-                g[chosen], g_min, g_max, stuck, targets.flatten()[chosen], errors, read_noise, first._convert_read,
-                tolerance_us,
-            )
-            g[chosen] = new_g
-            for array, tile_g, n in zip(arrays, g.view(shape), counts):
-                if n:
-                    array.g = tile_g
-            reached.view(-1)[chosen], trials.view(-1)[chosen], failed.view(-1)[chosen] = reads, taken, missed
-            cls._count_verify(tiles, chosen, taken)
-        return ProgramResult(reached_us=reached, trials=trials, failed=failed, tolerance_us=tolerance_us)
+            return super()._program_devices(tiles, devices, targets, reference, tolerance_us, max_trials)
+        on, rows, cols = first.device, first.spec.rows, first.spec.cols
+        per_array = rows * cols
+        if not devices.numel():
+            return ProgramResult(torch.empty(0, device=on), torch.empty(0, dtype=torch.int64, device=on),
+                                 torch.empty(0, dtype=torch.bool, device=on), tolerance_us)
+        devices, reference = devices.to(on), reference.to(on)
+        # Array 2t holds tile t's weight devices, 2t + 1 its reference devices; sorted by
+        # (array, place), the devices come in the loop's order.
+        array_of = devices.div(per_array, rounding_mode="floor").mul_(2).add_(reference)
+        key, order = (array_of * per_array + devices % per_array).sort()
+        array_of = key.div(per_array, rounding_mode="floor")
+        counts = torch.bincount(array_of, minlength=2 * len(tiles)).tolist()
+        used = [index for index, count in enumerate(counts) if count]
+        arrays = [tiles[index // 2].references if index % 2 else tiles[index // 2].devices for index in used]
+        slot = torch.zeros(2 * len(tiles), dtype=torch.int64, device=on)
+        slot[used] = torch.arange(len(used), device=on)
+        stacked = slot[array_of] * per_array + key % per_array  # each device's place in the stack of used arrays
+        draws = torch.cat([
+            torch.randn((2, max_trials, counts[index]), generator=tiles[index // 2].generator, device=on)
+            for index in used
+        ], dim=2)
+        scale = torch.tensor([first.programming_error_us, first.read_noise_us], device=on)
+        errors, read_noise = draws.mul_(scale.view(2, 1, 1))
+        g = torch.stack([array.g for array in arrays]).view(-1)
+        g_min, g_max, stuck = (torch.stack([getattr(array, name) for array in arrays]).view(-1)[stacked]
+                               for name in ("g_min", "g_max", "stuck"))
+        new_g, reads, taken, missed = write_verify_trials(
+            g[stacked], g_min, g_max, stuck, targets.to(on)[order], errors, read_noise, first._convert_read, tolerance_us,
+        )
+        g[stacked] = new_g  # a fresh stack: the arrays' old tensors are replaced, never written into
+        for array, array_g in zip(arrays, g.view(len(arrays), rows, cols).unbind(0)):
+            array.g = array_g
+        cls._count_verify(tiles, key, taken)
+        results = [torch.empty_like(values) for values in (reads, taken, missed)]
+        for into, values in zip(results, (reads, taken, missed)):
+            into[order] = values
+        return ProgramResult(*results, tolerance_us=tolerance_us)
 
     def _convert_read(self, conductances: torch.Tensor) -> torch.Tensor:
         return quantise_unsigned(conductances, self.spec.output_bits, self.read_full_scale_us)
 
     @staticmethod
-    def _count_verify(tiles: list[EmulatedTile], chosen: torch.Tensor, trials: torch.Tensor) -> None:
-        """Trial t programs and reads back every row that still has a device pending, so a row
-        is busy for as many trials as its slowest device; one pulse per pending device."""
+    def _count_verify(tiles: list[EmulatedTile], key: torch.Tensor, trials: torch.Tensor) -> None:
+        """Trial t programs and reads back every row of an array that still has a device
+        pending, so a row is busy for as many trials as its slowest device; one pulse per
+        pending device. ``key`` places each device: (tile, weight or reference, row, col)."""
         rows, cols = tiles[0].spec.rows, tiles[0].spec.cols
-        row_trials = torch.zeros(len(tiles) * rows, dtype=torch.int64, device=trials.device)
-        row_trials.scatter_reduce_(0, chosen // cols, trials, reduce="amax")
-        busy_rows = row_trials.view(len(tiles), rows).sum(1).tolist()
+        row_trials = torch.zeros(len(tiles) * 2 * rows, dtype=torch.int64, device=trials.device)
+        row_trials.scatter_reduce_(0, key.div(cols, rounding_mode="floor"), trials, reduce="amax")
+        busy_rows = row_trials.view(len(tiles), 2 * rows).sum(1).tolist()
         pulses = torch.zeros(len(tiles), dtype=torch.int64, device=trials.device)
-        pulses = pulses.index_add_(0, chosen // (rows * cols), trials).tolist()
+        pulses = pulses.index_add_(0, key.div(2 * rows * cols, rounding_mode="floor"), trials).tolist()
         for tile, busy, pulsed in zip(tiles, busy_rows, pulses):
             c = tile.counters
             c.cycles += tile.timing.verify_trial_cycles(busy)

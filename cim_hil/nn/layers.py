@@ -6,7 +6,7 @@ reference chip); the weight gradient is always the host's outer product. Biases 
 digital parameters on the host.
 
 ``weight`` is the host's copy of what is programmed; the mixed-precision optimizer never
-writes it directly, it calls :meth:`AnalogLayer.program_steps`.
+writes it directly, it calls :func:`program_steps_together`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cim_hil.nn.config import MappingConfig
-from cim_hil.nn.mapping import LevelWrite, TileMapping, run_write_jobs
+from cim_hil.nn.mapping import LevelWrite, TileMapping, run_level_writes
 from cim_hil.tile import Tile
 
 
@@ -58,16 +58,6 @@ class AnalogLayer(nn.Module):
         return self.mapping.granularity
 
     @torch.no_grad()
-    def program_steps(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Program ``steps`` (signed, per weight) granularity steps.
-
-        Returns the weight change the devices actually took, so the caller can account for
-        exactly that, and which devices were programmed (a device already at the bound it is
-        pushed towards is not).
-        """
-        return program_steps_together([self], [steps])[0]
-
-    @torch.no_grad()
     def rewrite_devices(self) -> None:
         """Program the devices from the host's copy again: after a resume on real hardware,
         whose devices may have moved since the checkpoint."""
@@ -81,34 +71,44 @@ class AnalogLayer(nn.Module):
 
 
 @torch.no_grad()
-def program_steps_together(layers: list[AnalogLayer], steps: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:meth:`AnalogLayer.program_steps` for several layers, their write-verify in one call per
-    kind of device. Every device is programmed before any host copy changes, so if the board
-    fails midway the host still holds the state from before (a resume re-writes the devices).
+def program_steps_together(
+    layers: list[AnalogLayer], weights: list[torch.Tensor], steps: list[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Program ``steps[i]`` (signed granularity steps) into the weights ``weights[i]`` (flat
+    indices of layer i's weight) of several layers, their write-verify in one call.
+
+    Returns, per layer, the weight change the devices actually took (so the caller can account
+    for exactly that) and which weights were programmed (a device already at the bound it is
+    pushed towards is not). Every device is programmed before any host copy changes, so if the
+    board fails midway the host still holds the state from before (a resume re-writes the devices).
     """
-    wanted = {}
-    for index, (layer, layer_steps) in enumerate(zip(layers, steps)):
+    wanted, writes = {}, {}
+    for index, (layer, chosen, layer_steps) in enumerate(zip(layers, weights, steps)):
         if layer.levels is not None:
             mapping = layer.mapping
-            wanted[index] = (layer.levels + layer_steps * mapping.config.granularity_levels).clamp(mapping.low, mapping.high)
-    writes = {index: LevelWrite(layers[index].mapping, levels, layers[index].levels) for index, levels in wanted.items()}
-    reached_us = iter(run_write_jobs([job for write in writes.values() for job in write.jobs]))
-    reached = {index: write.levels_reached([next(reached_us) for _ in write.jobs]) for index, write in writes.items()}
-    pulses = {index: layer.mapping.program_pulses(layer_steps)
-              for index, (layer, layer_steps) in enumerate(zip(layers, steps)) if layer.levels is None}
+            old = layer.levels.view(-1)[chosen]
+            wanted[index] = (old + layer_steps * mapping.config.granularity_levels).clamp(mapping.low, mapping.high)
+            writes[index] = LevelWrite(mapping, chosen, wanted[index], old)
+    reached = dict(zip(writes, run_level_writes(list(writes.values()))))
+    pulses = {}
+    for index, (layer, chosen, layer_steps) in enumerate(zip(layers, weights, steps)):
+        if layer.levels is None:
+            counts = torch.zeros(layer.weight.numel(), dtype=torch.int64).index_put_((chosen,), layer_steps)
+            pulses[index] = layer.mapping.program_pulses(counts.view_as(layer.weight)).reshape(-1)[chosen]
     # Every device has been programmed: now the host copies follow.
     results = []
-    for index, layer in enumerate(layers):
+    for index, (layer, chosen) in enumerate(zip(layers, weights)):
+        weight = layer.weight.view(-1)
         if index in pulses:
             applied = pulses[index] * layer.granularity
-            layer.weight.add_(applied)
+            weight.index_add_(0, chosen, applied)
             results.append((applied, pulses[index] != 0))
             continue
-        applied = layer.mapping.weights_for(reached[index] - layer.levels)
-        programmed = wanted[index] != layer.levels
-        layer.levels.copy_(reached[index])
-        layer.weight.copy_(layer.mapping.weights_for(reached[index]))
-        results.append((applied, programmed))
+        levels = layer.levels.view(-1)
+        old = levels[chosen]
+        results.append((layer.mapping.weights_for(reached[index] - old), wanted[index] != old))
+        levels[chosen] = reached[index]
+        weight[chosen] = layer.mapping.weights_for(reached[index])
     return results
 
 

@@ -12,82 +12,71 @@ trainer can account for it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from cim_hil.errors import CapabilityError, ConfigError
 from cim_hil.nn.config import MappingConfig
-from cim_hil.tile import Capability, Tile, averaged_read, products_together, program_together
+from cim_hil.tile import Capability, Tile, averaged_read, products_together, program_devices, program_together
 
 
 def tiles_needed(in_features: int, out_features: int, rows: int, cols: int) -> int:
     return math.ceil(in_features / rows) * math.ceil(out_features / cols)
 
 
-@dataclass
-class WriteJob:
-    """Devices of one layer's tiles to write-verify (its reference devices if ``reference``)."""
-
-    tiles: list[Tile]
-    targets_us: torch.Tensor  # (tiles, rows, cols)
-    mask: torch.Tensor  # (tiles, rows, cols)
-    reference: bool
-
-
-def run_write_jobs(jobs: list[WriteJob]) -> list[torch.Tensor]:
-    """Run the write jobs of many layers with one ``program_together`` call per kind of device
-    (weight, reference): a training step pays the call's cost once, not once per layer.
-    Returns each job's reached conductances (tiles, rows, cols), NaN where not programmed."""
-    reached: list[torch.Tensor] = [torch.empty(0)] * len(jobs)
-    for reference in (False, True):
-        chosen = [index for index, job in enumerate(jobs) if job.reference == reference]
-        if not chosen:
-            continue
-        result = program_together(
-            [tile for index in chosen for tile in jobs[index].tiles],
-            torch.cat([jobs[index].targets_us for index in chosen]),
-            torch.cat([jobs[index].mask for index in chosen]),
-            reference=reference,
-        )
-        parts = result.reached_us.cpu().split([len(jobs[index].tiles) for index in chosen])
-        for index, part in zip(chosen, parts):
-            reached[index] = part
-    return reached
-
-
 class LevelWrite:
-    """One mapping's write-verify to new levels, in two halves so that many layers can share
-    one ``run_write_jobs``: ``jobs`` says what to program, ``levels_reached`` reads the outcome."""
+    """Write-verify of some of one mapping's weights to new levels, in two halves so that many
+    layers can share one ``program_devices`` call (:func:`run_level_writes`): ``devices``,
+    ``targets_us`` and ``reference`` say what to program, ``levels_reached`` reads the outcome.
 
-    def __init__(self, mapping: TileMapping, levels: torch.Tensor, previous: torch.Tensor | None) -> None:
+    ``weights`` are flat indices into the logical (out, in) matrix; ``levels`` their new
+    relative levels; ``previous`` their present ones (None: program every device afresh).
+    Only devices whose level changes are programmed.
+    """
+
+    def __init__(
+        self, mapping: TileMapping, weights: torch.Tensor, levels: torch.Tensor, previous: torch.Tensor | None
+    ) -> None:
         self.mapping = mapping
-        plus, self.minus = mapping._device_levels(levels)
-        old_plus, old_minus = mapping._device_levels(previous) if previous is not None else (None, None)
-        arrays = [(plus, old_plus, False)]
-        if mapping.spec.supports(Capability.REFERENCE) and (previous is None or mapping.config.differential):
-            arrays.append((self.minus, old_minus, True))
-        self.wanted = [wanted for wanted, _, _ in arrays]
-        self.changes = [
-            torch.ones_like(wanted, dtype=torch.bool) if before is None else wanted != before for wanted, before, _ in arrays
-        ]
-        self.jobs = [
-            WriteJob(mapping.tiles, mapping._to_tiles(mapping._conductance(wanted), mapping.spec.g_min_us),
-                     mapping._to_tiles(change, False), reference)
-            for (wanted, _, reference), change in zip(arrays, self.changes)
-        ]
+        self.plus, self.minus = mapping._device_levels(levels)
+        if previous is None:
+            self.write_plus = torch.ones_like(levels, dtype=torch.bool)
+            self.write_minus = torch.full_like(self.write_plus, mapping.spec.supports(Capability.REFERENCE))
+        else:
+            old_plus, old_minus = mapping._device_levels(previous)
+            self.write_plus, self.write_minus = self.plus != old_plus, self.minus != old_minus
+        places = mapping.device_index.view(-1)[weights]
+        self.devices = torch.cat([places[self.write_plus], places[self.write_minus]])
+        self.plus_count = len(self.devices) - int(self.write_minus.sum())
+        self.reference = torch.arange(len(self.devices)) >= self.plus_count
+        self.targets_us = mapping._conductance(torch.cat([self.plus[self.write_plus], self.minus[self.write_minus]]))
 
-    def levels_reached(self, reached_us: list[torch.Tensor]) -> torch.Tensor:
-        """The relative levels the devices reached, from the jobs' reached conductances."""
+    def levels_reached(self, reached_us: torch.Tensor) -> torch.Tensor:
+        """The relative levels the weights reached, from the reads of the devices programmed."""
         mapping = self.mapping
-        levels = [
-            torch.where(change, mapping._level_of(mapping._from_tiles(torch.nan_to_num(reached, nan=0.0))), wanted)
-            for reached, change, wanted in zip(reached_us, self.changes, self.wanted)
-        ]
-        minus = levels[1] if len(levels) > 1 else self.minus
-        if mapping.config.differential:
-            return levels[0] - minus
-        return levels[0] - mapping.ref_level
+        reached = mapping._level_of(reached_us)
+        plus = self.plus.masked_scatter(self.write_plus, reached[: self.plus_count])
+        if not mapping.config.differential:
+            return plus - mapping.ref_level
+        return plus - self.minus.masked_scatter(self.write_minus, reached[self.plus_count :])
+
+
+def run_level_writes(writes: list[LevelWrite]) -> list[torch.Tensor]:
+    """Run the level writes of many layers as one ``program_devices`` call: a training step
+    pays the call's cost once, not once per layer. Returns each write's reached levels."""
+    tiles = [tile for write in writes for tile in write.mapping.tiles]
+    if not tiles or not sum(len(write.devices) for write in writes):
+        return [write.levels_reached(torch.empty(0)) for write in writes]
+    per_tile = tiles[0].spec.rows * tiles[0].spec.cols
+    offsets = torch.tensor([0] + [len(write.mapping.tiles) for write in writes]).cumsum(0) * per_tile
+    result = program_devices(
+        tiles,
+        torch.cat([write.devices + offset for write, offset in zip(writes, offsets.tolist())]),
+        torch.cat([write.targets_us for write in writes]),
+        torch.cat([write.reference for write in writes]),
+    )
+    reached = result.reached_us.cpu().split([len(write.devices) for write in writes])
+    return [write.levels_reached(part) for write, part in zip(writes, reached)]
 
 
 class TileMapping:
@@ -116,6 +105,7 @@ class TileMapping:
             self.granularity = config.granularity_levels * self.spacing * self.scale
         else:
             self.granularity = (config.pulse_step_us or self.spacing) * self.scale
+        self.device_index = self._device_index()
 
     def _check_capabilities(self) -> None:
         spec, config = self.spec, self.config
@@ -143,18 +133,23 @@ class TileMapping:
 
     # ---- the grid of tiles ----------------------------------------------------------------
     # Tile r * col_blocks + c holds the block of inputs r*rows.. and outputs c*cols.., transposed.
+    def _device_index(self) -> torch.Tensor:
+        """Where each logical weight (out, in) sits: its flat index in the stack (tiles, rows, cols)."""
+        rows, cols = self.spec.rows, self.spec.cols
+        inputs, outputs = torch.arange(self.in_features), torch.arange(self.out_features).unsqueeze(1)
+        tile = inputs.div(rows, rounding_mode="floor") * self.col_blocks + outputs.div(cols, rounding_mode="floor")
+        return (tile * rows + inputs % rows) * cols + outputs % cols
+
     def _to_tiles(self, logical: torch.Tensor, fill) -> torch.Tensor:
         """A logical (out, in) matrix as the stack (tiles, rows, cols) the tiles hold, padded with ``fill``."""
         rows, cols = self.spec.rows, self.spec.cols
-        grid = torch.full((self.row_blocks * rows, self.col_blocks * cols), fill, dtype=logical.dtype)
-        grid[: self.in_features, : self.out_features] = logical.T
-        return grid.view(self.row_blocks, rows, self.col_blocks, cols).transpose(1, 2).reshape(-1, rows, cols)
+        stacked = torch.full((len(self.tiles) * rows * cols,), fill, dtype=logical.dtype)
+        stacked[self.device_index.view(-1)] = logical.reshape(-1)
+        return stacked.view(-1, rows, cols)
 
     def _from_tiles(self, stacked: torch.Tensor) -> torch.Tensor:
         """The logical (out, in) matrix back from a stack (tiles, rows, cols)."""
-        rows, cols = self.spec.rows, self.spec.cols
-        grid = stacked.cpu().view(self.row_blocks, self.col_blocks, rows, cols).transpose(1, 2)
-        return grid.reshape(self.row_blocks * rows, self.col_blocks * cols)[: self.in_features, : self.out_features].T
+        return stacked.cpu().reshape(-1)[self.device_index]
 
     def _block_widths(self, size: int, block: int, count: int) -> list[int]:
         return [min(block, size - index * block) for index in range(count)]
@@ -188,8 +183,9 @@ class TileMapping:
 
         Returns the relative levels the devices actually reached, read back after verify.
         """
-        write = LevelWrite(self, levels, previous)
-        return write.levels_reached(run_write_jobs(write.jobs))
+        write = LevelWrite(self, torch.arange(levels.numel()), levels.reshape(-1),
+                           previous.reshape(-1) if previous is not None else None)
+        return run_level_writes([write])[0].view_as(levels)
 
     def program_pulses(self, counts: torch.Tensor) -> torch.Tensor:
         """Apply signed pulse counts (out, in); returns the counts the tiles applied."""

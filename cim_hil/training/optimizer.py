@@ -86,19 +86,23 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
                     digital.append((p, update))
                     continue
                 chi = self.state[p]["chi"] + update if "chi" in self.state[p] else update
-                ratio = chi / layer.granularity
-                steps = torch.where(ratio.abs() >= 1, ratio.round(), 0).to(torch.int64)
+                ratio = chi.view(-1) / layer.granularity
+                due = (ratio.abs() >= 1).nonzero().squeeze(1)  # the weights whose chi reached epsilon
                 new_state["chi"] = chi
                 writes = self.state[p].get("writes")
                 new_state["writes"] = torch.zeros_like(chi, dtype=torch.int64) if writes is None else writes
-                if steps.any():
-                    to_program.append((layer, steps, new_state))
+                if due.numel():
+                    to_program.append((layer, due, ratio[due].round().to(torch.int64), new_state))
         # Every analog layer's devices at once; if the board fails here, no state has changed.
-        outcomes = program_steps_together([layer for layer, _, _ in to_program], [steps for _, steps, _ in to_program])
+        outcomes = program_steps_together(
+            [layer for layer, _, _, _ in to_program], [due for _, due, _, _ in to_program],
+            [steps for _, _, steps, _ in to_program],
+        )
         programmed = 0
-        for (_, _, new_state), (applied, was_programmed) in zip(to_program, outcomes):
-            new_state["chi"] = new_state["chi"] - applied
-            new_state["writes"] = new_state["writes"] + was_programmed.to(torch.int64)
+        for (_, due, _, new_state), (applied, was_programmed) in zip(to_program, outcomes):
+            chi, writes = new_state["chi"], new_state["writes"]
+            new_state["chi"] = chi.view(-1).index_add(0, due, applied, alpha=-1).view_as(chi)
+            new_state["writes"] = writes.view(-1).index_add(0, due, was_programmed.to(torch.int64)).view_as(writes)
             programmed += int(was_programmed.sum())
         for p, update in digital:
             p.add_(update)
@@ -136,3 +140,6 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         self.steps = state_dict.pop("mixed_precision_steps", 0)
         super().load_state_dict(state_dict)
+        for state in self.state.values():  # torch casts every floating parameter's state to its dtype
+            if "writes" in state:
+                state["writes"] = state["writes"].to(torch.int64)
