@@ -80,7 +80,10 @@ class PeripheryConfig(_Strict):
         2.0, ge=0.0, description="ADC input-referred noise std, in level spacings at v_read"
     )
     cols_per_adc: int = Field(8, ge=1, description="columns sharing one TIA + ADC")
-    transpose: bool = Field(True, description="array supports transpose (backward) products")
+    transpose: bool = Field(
+        False, description="array supports transpose (backward) products; the reference chip has none and computes "
+        "gradients on the host"
+    )
     reference_devices: bool = Field(True, description="each device has a reference device")
 
 

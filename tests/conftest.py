@@ -17,7 +17,7 @@ def make_config(**sections) -> EmulatorConfig:
 
 IDEAL = dict(
     device=dict(read_noise_levels=0.0, programming_error_levels=0.0, step_c2c=0.0, bounds_d2d=0.0),
-    periphery=dict(input_bits=24, output_bits=24, adc_noise_levels=0.0, adc_full_scale_fraction=1.0),
+    periphery=dict(input_bits=24, output_bits=24, adc_noise_levels=0.0, adc_full_scale_fraction=1.0, transpose=True),
 )
 
 

@@ -136,7 +136,7 @@ def test_write_verify_only_touches_masked_devices(ideal_config):
 
 
 def test_cycle_counts_follow_the_timing_model():
-    board = open_board("emulator:")
+    board = open_board("emulator:?transpose=true")
     tile = board[0]
     tile.forward(torch.zeros(1, 64))
     assert tile.counters.cycles == 72  # 8 ADC phases x (8 input pulses + 1 conversion)

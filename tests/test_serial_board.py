@@ -25,7 +25,7 @@ from firmware_protocol.framing import FLAG_MORE, Frame, decode_frame
 
 from .conftest import make_config
 
-SMALL = make_config(soc=dict(tiles=2, rows=32, cols=32), seed=7)
+SMALL = make_config(soc=dict(tiles=2, rows=32, cols=32), periphery=dict(transpose=True), seed=7)
 QUICK = LinkConfig(response_timeout_s=0.05, retries=10)
 
 

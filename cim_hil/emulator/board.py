@@ -11,7 +11,7 @@ from cim_hil.config import EmulatorConfig, load_config, validate
 from cim_hil.emulator.tile import EmulatedTile
 from cim_hil.errors import ConfigError
 
-QUERY_FIELDS = {"tiles": "soc", "rows": "soc", "cols": "soc", "seed": None, "torch_device": None}
+QUERY_FIELDS = {"tiles": "soc", "rows": "soc", "cols": "soc", "transpose": "periphery", "seed": None, "torch_device": None}
 
 
 def resolve_torch_device(name: str) -> torch.device:
