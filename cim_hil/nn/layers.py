@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cim_hil.nn.config import MappingConfig
-from cim_hil.nn.mapping import LevelWrite, TileMapping, run_level_writes
+from cim_hil.nn.mapping import LevelWrite, TileMapping
 from cim_hil.tile import Tile
 
 
@@ -82,14 +82,17 @@ def program_steps_together(
     pushed towards is not). Every device is programmed before any host copy changes, so if the
     board fails midway the host still holds the state from before (a resume re-writes the devices).
     """
-    wanted, writes = {}, {}
-    for index, (layer, chosen, layer_steps) in enumerate(zip(layers, weights, steps)):
-        if layer.levels is not None:
-            mapping = layer.mapping
-            old = layer.levels.view(-1)[chosen]
-            wanted[index] = (old + layer_steps * mapping.config.granularity_levels).clamp(mapping.low, mapping.high)
-            writes[index] = LevelWrite(mapping, chosen, wanted[index], old)
-    reached = dict(zip(writes, run_level_writes(list(writes.values()))))
+    old, wanted, reached = {}, {}, {}
+    for group in _sharing_levels([index for index, layer in enumerate(layers) if layer.levels is not None], layers):
+        mapping = layers[group[0]].mapping
+        olds = [layers[index].levels.view(-1)[weights[index]] for index in group]
+        before = torch.cat(olds)
+        after = (before + torch.cat([steps[index] for index in group]) * mapping.config.granularity_levels).clamp(
+            mapping.low, mapping.high)
+        write = LevelWrite([layers[index].mapping for index in group], [weights[index] for index in group], after, before)
+        sizes = [len(level) for level in olds]
+        for index, layer_old, layer_wanted, layer_reached in zip(group, olds, after.split(sizes), write.run().split(sizes)):
+            old[index], wanted[index], reached[index] = layer_old, layer_wanted, layer_reached
     pulses = {}
     for index, (layer, chosen, layer_steps) in enumerate(zip(layers, weights, steps)):
         if layer.levels is None:
@@ -104,12 +107,25 @@ def program_steps_together(
             weight.index_add_(0, chosen, applied)
             results.append((applied, pulses[index] != 0))
             continue
-        levels = layer.levels.view(-1)
-        old = levels[chosen]
-        results.append((layer.mapping.weights_for(reached[index] - old), wanted[index] != old))
-        levels[chosen] = reached[index]
+        results.append((layer.mapping.weights_for(reached[index] - old[index]), wanted[index] != old[index]))
+        layer.levels.view(-1)[chosen] = reached[index]
         weight[chosen] = layer.mapping.weights_for(reached[index])
     return results
+
+
+def _sharing_levels(indices: list[int], layers: list[AnalogLayer]) -> list[list[int]]:
+    """The layers grouped by tile spec and mapping config: one write-verify call per group."""
+    groups: list[list[int]] = []
+    for index in indices:
+        mapping = layers[index].mapping
+        for group in groups:
+            other = layers[group[0]].mapping
+            if other.spec == mapping.spec and other.config == mapping.config:
+                group.append(index)
+                break
+        else:
+            groups.append([index])
+    return groups
 
 
 class AnalogLinear(AnalogLayer):

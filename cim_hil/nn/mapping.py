@@ -25,19 +25,27 @@ def tiles_needed(in_features: int, out_features: int, rows: int, cols: int) -> i
 
 
 class LevelWrite:
-    """Write-verify of some of one mapping's weights to new levels, in two halves so that many
-    layers can share one ``program_devices`` call (:func:`run_level_writes`): ``devices``,
-    ``targets_us`` and ``reference`` say what to program, ``levels_reached`` reads the outcome.
+    """Write-verify of weights of one or more mappings to new levels, as one ``program_devices``
+    call over all their tiles: a training step pays for one call, not one per layer. The
+    mappings must share a tile spec and a mapping config (the level conventions).
 
-    ``weights`` are flat indices into the logical (out, in) matrix; ``levels`` their new
-    relative levels; ``previous`` their present ones (None: program every device afresh).
-    Only devices whose level changes are programmed.
+    ``weights[i]`` are flat indices into mapping i's logical (out, in) matrix; ``levels`` the
+    new relative levels of all of them, in that order; ``previous`` their present ones (None:
+    program every device afresh). Only devices whose level changes are programmed.
     """
 
     def __init__(
-        self, mapping: TileMapping, weights: torch.Tensor, levels: torch.Tensor, previous: torch.Tensor | None
+        self, mappings: list[TileMapping], weights: list[torch.Tensor], levels: torch.Tensor,
+        previous: torch.Tensor | None,
     ) -> None:
-        self.mapping = mapping
+        self.mapping = mapping = mappings[0]
+        self.tiles = [tile for each in mappings for tile in each.tiles]
+        per_tile = mapping.spec.rows * mapping.spec.cols
+        offsets = [0]
+        for each in mappings[:-1]:
+            offsets.append(offsets[-1] + len(each.tiles) * per_tile)
+        places = torch.cat([each.device_index.view(-1)[chosen] + offset
+                            for each, chosen, offset in zip(mappings, weights, offsets)])
         self.plus, self.minus = mapping._device_levels(levels)
         if previous is None:
             self.write_plus = torch.ones_like(levels, dtype=torch.bool)
@@ -45,38 +53,25 @@ class LevelWrite:
         else:
             old_plus, old_minus = mapping._device_levels(previous)
             self.write_plus, self.write_minus = self.plus != old_plus, self.minus != old_minus
-        places = mapping.device_index.view(-1)[weights]
         self.devices = torch.cat([places[self.write_plus], places[self.write_minus]])
         self.plus_count = len(self.devices) - int(self.write_minus.sum())
         self.reference = torch.arange(len(self.devices)) >= self.plus_count
         self.targets_us = mapping._conductance(torch.cat([self.plus[self.write_plus], self.minus[self.write_minus]]))
 
-    def levels_reached(self, reached_us: torch.Tensor) -> torch.Tensor:
-        """The relative levels the weights reached, from the reads of the devices programmed."""
+    def run(self) -> torch.Tensor:
+        """Program the devices; returns the relative levels the weights reached, read back."""
+        if not len(self.devices):
+            return self._levels_reached(torch.empty(0))
+        result = program_devices(self.tiles, self.devices, self.targets_us, self.reference)
+        return self._levels_reached(result.reached_us.cpu())
+
+    def _levels_reached(self, reached_us: torch.Tensor) -> torch.Tensor:
         mapping = self.mapping
         reached = mapping._level_of(reached_us)
         plus = self.plus.masked_scatter(self.write_plus, reached[: self.plus_count])
         if not mapping.config.differential:
             return plus - mapping.ref_level
         return plus - self.minus.masked_scatter(self.write_minus, reached[self.plus_count :])
-
-
-def run_level_writes(writes: list[LevelWrite]) -> list[torch.Tensor]:
-    """Run the level writes of many layers as one ``program_devices`` call: a training step
-    pays the call's cost once, not once per layer. Returns each write's reached levels."""
-    tiles = [tile for write in writes for tile in write.mapping.tiles]
-    if not tiles or not sum(len(write.devices) for write in writes):
-        return [write.levels_reached(torch.empty(0)) for write in writes]
-    per_tile = tiles[0].spec.rows * tiles[0].spec.cols
-    offsets = torch.tensor([0] + [len(write.mapping.tiles) for write in writes]).cumsum(0) * per_tile
-    result = program_devices(
-        tiles,
-        torch.cat([write.devices + offset for write, offset in zip(writes, offsets.tolist())]),
-        torch.cat([write.targets_us for write in writes]),
-        torch.cat([write.reference for write in writes]),
-    )
-    reached = result.reached_us.cpu().split([len(write.devices) for write in writes])
-    return [write.levels_reached(part) for write, part in zip(writes, reached)]
 
 
 class TileMapping:
@@ -183,9 +178,9 @@ class TileMapping:
 
         Returns the relative levels the devices actually reached, read back after verify.
         """
-        write = LevelWrite(self, torch.arange(levels.numel()), levels.reshape(-1),
+        write = LevelWrite([self], [torch.arange(levels.numel())], levels.reshape(-1),
                            previous.reshape(-1) if previous is not None else None)
-        return run_level_writes([write])[0].view_as(levels)
+        return write.run().view_as(levels)
 
     def program_pulses(self, counts: torch.Tensor) -> torch.Tensor:
         """Apply signed pulse counts (out, in); returns the counts the tiles applied."""

@@ -52,34 +52,46 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self.last_step = {"devices_programmed": 0}
 
     @staticmethod
-    def _direction(grad: torch.Tensor, state: dict, group: dict) -> tuple[torch.Tensor, dict]:
-        """The update -lr * (rule's step) for one parameter, and the rule's new state (computed
-        aside, so a failed step leaves the old state as it was)."""
+    def _directions(grads: list[torch.Tensor], states: list[dict], group: dict) -> tuple[list[torch.Tensor], list[dict]]:
+        """The updates -lr * (rule's step) for a group's parameters, and the rule's new states
+        (computed aside, so a failed step leaves the old states as they were). Each operation
+        runs over the whole list (torch's ``_foreach`` kernels, as torch's own optimizers use),
+        so a step costs the same few calls however many parameters the model has."""
         lr = group["lr"]
         if group["rule"] == "sgd":
             if not group["momentum"]:
-                return grad * -lr, {}
-            buffer = grad.clone() if "momentum_buffer" not in state else state["momentum_buffer"] * group["momentum"] + grad
-            return buffer * -lr, {"momentum_buffer": buffer}
+                return torch._foreach_mul(grads, -lr), [{} for _ in grads]
+            buffers = [
+                grad.clone() if "momentum_buffer" not in state else state["momentum_buffer"] * group["momentum"] + grad
+                for grad, state in zip(grads, states)
+            ]
+            return torch._foreach_mul(buffers, -lr), [{"momentum_buffer": buffer} for buffer in buffers]
         beta1, beta2 = group["betas"]
-        step = state.get("step", 0) + 1
-        m = torch.lerp(state["exp_avg"], grad, 1 - beta1) if "exp_avg" in state else grad * (1 - beta1)
-        v = state["exp_avg_sq"] * beta2 if "exp_avg_sq" in state else torch.zeros_like(grad)
-        v.addcmul_(grad, grad, value=1 - beta2)
+        steps = [state.get("step", 0) + 1 for state in states]
+        def moments(name: str) -> list[torch.Tensor]:  # zero before a parameter's first step
+            return [state[name] if name in state else torch.zeros_like(grad) for grad, state in zip(grads, states)]
+
+        m = torch._foreach_lerp(moments("exp_avg"), grads, 1 - beta1)
+        v = torch._foreach_mul(moments("exp_avg_sq"), beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
         # Adam with bias correction, as torch.optim.Adam computes it.
-        denom = v.sqrt().div_(math.sqrt(1 - beta2**step)).add_(group["eps"])
-        update = m.div(denom).mul_(-lr / (1 - beta1**step))
-        return update, {"step": step, "exp_avg": m, "exp_avg_sq": v}
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2**step) for step in steps])
+        torch._foreach_add_(denom, group["eps"])
+        updates = torch._foreach_div(m, denom)
+        torch._foreach_mul_(updates, [-lr / (1 - beta1**step) for step in steps])
+        return updates, [{"step": step, "exp_avg": a, "exp_avg_sq": b} for step, a, b in zip(steps, m, v)]
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         new_states, digital, to_program = [], [], []
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update, new_state = self._direction(p.grad, self.state[p], group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            updates, states = self._directions([p.grad for p in params], [self.state[p] for p in params], group)
+            for p, update, new_state in zip(params, updates, states):
                 new_states.append((p, new_state))
                 layer = self._layers.get(id(p))
                 if layer is None:
@@ -104,8 +116,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             new_state["chi"] = chi.view(-1).index_add(0, due, applied, alpha=-1).view_as(chi)
             new_state["writes"] = writes.view(-1).index_add(0, due, was_programmed.to(torch.int64)).view_as(writes)
             programmed += int(was_programmed.sum())
-        for p, update in digital:
-            p.add_(update)
+        if digital:
+            torch._foreach_add_([p for p, _ in digital], [update for _, update in digital])
         for p, new_state in new_states:
             self.state[p].update(new_state)
         self.steps += 1
