@@ -20,7 +20,7 @@ BATCH = 64
 
 
 def measure(size: int) -> dict[str, float]:
-    tile = open_board(f"emulator:?tiles=1&rows={size}&cols={size}")[0]
+    tile = open_board(f"emulator:?tiles=1&rows={size}&cols={size}&transpose=true")[0]
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(BATCH, size, generator=generator) * 2 - 1
     d = torch.rand(BATCH, size, generator=generator) * 2 - 1
