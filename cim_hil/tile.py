@@ -330,18 +330,26 @@ class Tile(ABC):
                     into[chosen] = values.cpu().flatten()[place[chosen]]
         return ProgramResult(reached, trials, failed, tolerance_us)
 
-    @staticmethod
-    def _spread(result: ProgramResult, chosen: torch.Tensor, shape: tuple[int, ...]) -> ProgramResult:
-        """A result for the devices ``chosen`` (flat indices) laid out over ``shape``: NaN reads,
-        no trials and no failures where nothing was asked."""
+    @classmethod
+    def _program_masked(
+        cls, tiles: list[Tile], targets: torch.Tensor, mask: torch.Tensor, reference: bool, tolerance_us: float,
+        max_trials: int,
+    ) -> ProgramResult:
+        """Write-verify the devices ``mask`` selects through ``_program_devices``. ``targets``
+        and ``mask`` are (tiles, rows, cols), or (rows, cols) for one tile, and so is the result:
+        NaN reads, no trials and no failures where nothing was asked."""
+        chosen = mask.flatten().nonzero().squeeze(1)
+        result = cls._program_devices(
+            tiles, chosen, targets.flatten()[chosen], torch.full(chosen.shape, reference), tolerance_us, max_trials
+        )
         device = result.reached_us.device
-        reached = torch.full(shape, float("nan"), device=device)
-        trials = torch.zeros(shape, dtype=torch.int64, device=device)
-        failed = torch.zeros(shape, dtype=torch.bool, device=device)
+        reached = torch.full(targets.shape, float("nan"), device=device)
+        trials = torch.zeros(targets.shape, dtype=torch.int64, device=device)
+        failed = torch.zeros(targets.shape, dtype=torch.bool, device=device)
         reached.view(-1)[chosen], trials.view(-1)[chosen], failed.view(-1)[chosen] = (
             result.reached_us, result.trials, result.failed
         )
-        return ProgramResult(reached, trials, failed, result.tolerance_us)
+        return ProgramResult(reached, trials, failed, tolerance_us)
 
 
 def _together(tiles: list[Tile], capability: Capability) -> type[Tile]:
@@ -437,8 +445,4 @@ def program_together(
     Every target is checked before any tile is programmed. The result stacks the tiles'."""
     kind = _together(tiles, Capability.REFERENCE if reference else Capability.WRITE_VERIFY)
     targets, mask, tolerance, trials = tiles[0]._program_args(targets_us, mask, tolerance_us, max_trials, len(tiles))
-    chosen = mask.flatten().nonzero().squeeze(1)
-    result = kind._program_devices(
-        tiles, chosen, targets.flatten()[chosen], torch.tensor(reference).expand(chosen.shape), tolerance, trials
-    )
-    return Tile._spread(result, chosen, tuple(targets.shape))
+    return kind._program_masked(tiles, targets, mask, reference, tolerance, trials)

@@ -127,13 +127,13 @@ class EmulatedTile(Tile):
         driven, widest = codes.shape[2], max(outputs)
         # The matrix product runs on at least MIN_PRODUCT_COLUMNS columns: CPU kernels for fewer
         # are several times slower (LeNet's first layer, 6 outputs: 0.4 ms against 0.17 ms).
-        width = min(max(widest, MIN_PRODUCT_COLUMNS), first.spec.rows if transpose else first.spec.cols)
+        columns = min(max(widest, MIN_PRODUCT_COLUMNS), first.spec.rows if transpose else first.spec.cols)
         if transpose:
-            matrices = torch.stack([tile._weights()[:width, :driven] for tile in tiles]).transpose(1, 2)
+            matrices = torch.stack([tile._weights()[:columns, :driven] for tile in tiles]).transpose(1, 2)
         else:
-            matrices = torch.stack([tile._weights()[:driven, :width] for tile in tiles])
+            matrices = torch.stack([tile._weights()[:driven, :columns] for tile in tiles])
         currents = torch.bmm(codes, matrices)
-        if width > widest:
+        if columns > widest:
             currents = currents[:, :, :widest].contiguous()
         currents.mul_(first.spec.v_read / top)
         # Fresh read noise on every device of a product adds, per output, a Gaussian whose std
@@ -203,11 +203,7 @@ class EmulatedTile(Tile):
     def _program_verify(
         self, targets: torch.Tensor, mask: torch.Tensor, tolerance_us: float, max_trials: int, reference: bool
     ) -> ProgramResult:
-        chosen = mask.flatten().nonzero().squeeze(1)
-        result = self._program_devices(
-            [self], chosen, targets.flatten()[chosen], torch.full(chosen.shape, reference), tolerance_us, max_trials
-        )
-        return Tile._spread(result, chosen, tuple(targets.shape))
+        return self._program_masked([self], targets, mask, reference, tolerance_us, max_trials)
 
     @classmethod
     def _program_devices(
