@@ -6,7 +6,8 @@ reference chip); the weight gradient is always the host's outer product. Biases 
 digital parameters on the host.
 
 ``weight`` is the host's copy of what is programmed; the mixed-precision optimizer never
-writes it directly, it calls :func:`program_steps_together`.
+writes it directly, it programs the devices through
+:class:`cim_hil.nn.programming.StepProgrammer`, which keeps the copy in step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cim_hil.nn.config import MappingConfig
-from cim_hil.nn.mapping import LevelWrite, TileMapping
+from cim_hil.nn.mapping import TileMapping
 from cim_hil.tile import Tile
 
 
@@ -68,64 +69,6 @@ class AnalogLayer(nn.Module):
 
     def _product(self, x: torch.Tensor, peak: torch.Tensor | None = None) -> torch.Tensor:
         return _AnalogProduct.apply(x, self.weight, self.mapping, peak)
-
-
-@torch.no_grad()
-def program_steps_together(
-    layers: list[AnalogLayer], weights: list[torch.Tensor], steps: list[torch.Tensor]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Program ``steps[i]`` (signed granularity steps) into the weights ``weights[i]`` (flat
-    indices of layer i's weight) of several layers, their write-verify in one call.
-
-    Returns, per layer, the weight change the devices actually took (so the caller can account
-    for exactly that) and which weights were programmed (a device already at the bound it is
-    pushed towards is not). Every device is programmed before any host copy changes, so if the
-    board fails midway the host still holds the state from before (a resume re-writes the devices).
-    """
-    old, wanted, reached = {}, {}, {}
-    for group in _sharing_levels([index for index, layer in enumerate(layers) if layer.levels is not None], layers):
-        mapping = layers[group[0]].mapping
-        olds = [layers[index].levels.view(-1)[weights[index]] for index in group]
-        before = torch.cat(olds)
-        after = (before + torch.cat([steps[index] for index in group]) * mapping.config.granularity_levels).clamp(
-            mapping.low, mapping.high)
-        write = LevelWrite([layers[index].mapping for index in group], [weights[index] for index in group], after, before)
-        sizes = [len(level) for level in olds]
-        for index, layer_old, layer_wanted, layer_reached in zip(group, olds, after.split(sizes), write.run().split(sizes)):
-            old[index], wanted[index], reached[index] = layer_old, layer_wanted, layer_reached
-    pulses = {}
-    for index, (layer, chosen, layer_steps) in enumerate(zip(layers, weights, steps)):
-        if layer.levels is None:
-            counts = torch.zeros(layer.weight.numel(), dtype=torch.int64).index_put_((chosen,), layer_steps)
-            pulses[index] = layer.mapping.program_pulses(counts.view_as(layer.weight)).reshape(-1)[chosen]
-    # Every device has been programmed: now the host copies follow.
-    results = []
-    for index, (layer, chosen) in enumerate(zip(layers, weights)):
-        weight = layer.weight.view(-1)
-        if index in pulses:
-            applied = pulses[index] * layer.granularity
-            weight.index_add_(0, chosen, applied)
-            results.append((applied, pulses[index] != 0))
-            continue
-        results.append((layer.mapping.weights_for(reached[index] - old[index]), wanted[index] != old[index]))
-        layer.levels.view(-1)[chosen] = reached[index]
-        weight[chosen] = layer.mapping.weights_for(reached[index])
-    return results
-
-
-def _sharing_levels(indices: list[int], layers: list[AnalogLayer]) -> list[list[int]]:
-    """The layers grouped by tile spec and mapping config: one write-verify call per group."""
-    groups: list[list[int]] = []
-    for index in indices:
-        mapping = layers[index].mapping
-        for group in groups:
-            other = layers[group[0]].mapping
-            if other.spec == mapping.spec and other.config == mapping.config:
-                group.append(index)
-                break
-        else:
-            groups.append([index])
-    return groups
 
 
 class AnalogLinear(AnalogLayer):

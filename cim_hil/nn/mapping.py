@@ -25,27 +25,21 @@ def tiles_needed(in_features: int, out_features: int, rows: int, cols: int) -> i
 
 
 class LevelWrite:
-    """Write-verify of weights of one or more mappings to new levels, as one ``program_devices``
-    call over all their tiles: a training step pays for one call, not one per layer. The
-    mappings must share a tile spec and a mapping config (the level conventions).
+    """Write-verify of weights to new levels as one ``program_devices`` call over ``tiles``,
+    which may hold several layers' blocks: a training step pays for one call, not one per
+    layer. ``mapping`` gives the level conventions, which the layers must share (one tile spec
+    and mapping config).
 
-    ``weights[i]`` are flat indices into mapping i's logical (out, in) matrix; ``levels`` the
-    new relative levels of all of them, in that order; ``previous`` their present ones (None:
-    program every device afresh). Only devices whose level changes are programmed.
+    ``places`` (k,) are the weights' flat device indices in the stack of ``tiles``; ``levels``
+    their new relative levels; ``previous`` their present ones (None: program every device
+    afresh). Only devices whose level changes are programmed.
     """
 
     def __init__(
-        self, mappings: list[TileMapping], weights: list[torch.Tensor], levels: torch.Tensor,
+        self, mapping: TileMapping, tiles: list[Tile], places: torch.Tensor, levels: torch.Tensor,
         previous: torch.Tensor | None,
     ) -> None:
-        self.mapping = mapping = mappings[0]
-        self.tiles = [tile for each in mappings for tile in each.tiles]
-        per_tile = mapping.spec.rows * mapping.spec.cols
-        offsets = [0]
-        for each in mappings[:-1]:
-            offsets.append(offsets[-1] + len(each.tiles) * per_tile)
-        places = torch.cat([each.device_index.view(-1)[chosen] + offset
-                            for each, chosen, offset in zip(mappings, weights, offsets)])
+        self.mapping, self.tiles = mapping, tiles
         self.plus, self.minus = mapping._device_levels(levels)
         if previous is None:
             self.write_plus = torch.ones_like(levels, dtype=torch.bool)
@@ -178,7 +172,7 @@ class TileMapping:
 
         Returns the relative levels the devices actually reached, read back after verify.
         """
-        write = LevelWrite([self], [torch.arange(levels.numel())], levels.reshape(-1),
+        write = LevelWrite(self, self.tiles, self.device_index.view(-1), levels.reshape(-1),
                            previous.reshape(-1) if previous is not None else None)
         return write.run().view_as(levels)
 

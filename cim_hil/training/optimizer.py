@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cim_hil.nn.convert import analog_layers
-from cim_hil.nn.layers import program_steps_together
+from cim_hil.nn.programming import StepProgrammer
 
 Rule = Literal["sgd", "adam"]
 
@@ -48,6 +48,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         defaults = dict(lr=lr, rule=rule, betas=betas, eps=eps, momentum=momentum)
         super().__init__(model.parameters(), defaults)
         self._layers = {id(layer.weight): layer for layer in analog_layers(model)}
+        self._programmers: dict[tuple[int, ...], StepProgrammer] = {}  # by the layers a step updates
         self.steps = 0
         self.last_step = {"devices_programmed": 0}
 
@@ -85,7 +86,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        new_states, digital, to_program = [], [], []
+        new_states, digital, analog = [], [], {}
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -93,29 +94,11 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             updates, states = self._directions([p.grad for p in params], [self.state[p] for p in params], group)
             for p, update, new_state in zip(params, updates, states):
                 new_states.append((p, new_state))
-                layer = self._layers.get(id(p))
-                if layer is None:
+                if id(p) in self._layers:
+                    analog[id(p)] = (p, update, new_state)
+                else:
                     digital.append((p, update))
-                    continue
-                chi = self.state[p]["chi"] + update if "chi" in self.state[p] else update
-                ratio = chi.view(-1) / layer.granularity
-                due = (ratio.abs() >= 1).nonzero().squeeze(1)  # the weights whose chi reached epsilon
-                new_state["chi"] = chi
-                writes = self.state[p].get("writes")
-                new_state["writes"] = torch.zeros_like(chi, dtype=torch.int64) if writes is None else writes
-                if due.numel():
-                    to_program.append((layer, due, ratio[due].round().to(torch.int64), new_state))
-        # Every analog layer's devices at once; if the board fails here, no state has changed.
-        outcomes = program_steps_together(
-            [layer for layer, _, _, _ in to_program], [due for _, due, _, _ in to_program],
-            [steps for _, _, steps, _ in to_program],
-        )
-        programmed = 0
-        for (_, due, _, new_state), (applied, was_programmed) in zip(to_program, outcomes):
-            chi, writes = new_state["chi"], new_state["writes"]
-            new_state["chi"] = chi.view(-1).index_add(0, due, applied, alpha=-1).view_as(chi)
-            new_state["writes"] = writes.view(-1).index_add(0, due, was_programmed.to(torch.int64)).view_as(writes)
-            programmed += int(was_programmed.sum())
+        programmed = self._program(analog) if analog else 0  # if the board fails here, no state has changed
         if digital:
             torch._foreach_add_([p for p, _ in digital], [update for _, update in digital])
         for p, new_state in new_states:
@@ -123,6 +106,34 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self.steps += 1
         self.last_step = {"devices_programmed": programmed}
         return loss
+
+    def _program(self, analog: dict[int, tuple[torch.Tensor, torch.Tensor, dict]]) -> int:
+        """Accumulate the analog weights' updates in chi, program every weight whose |chi|
+        reached epsilon (all layers in one go), and put chi and the write counts, less what the
+        devices took, into the new states. Works on one flat vector of all the weights, so a
+        step costs the same few operations however many layers there are. Returns how many
+        devices were programmed."""
+        key = tuple(index for index in self._layers if index in analog)  # in the model's order
+        if key not in self._programmers:
+            self._programmers[key] = StepProgrammer([self._layers[index] for index in key])
+        programmer = self._programmers[key]
+        entries = [analog[id(layer.weight)] for layer in programmer.layers]
+        chi = torch.cat([update.view(-1) for _, update, _ in entries])
+        if any("chi" in self.state[p] for p, _, _ in entries):
+            chi += torch.cat([self.state[p]["chi"].view(-1) if "chi" in self.state[p] else torch.zeros(p.numel())
+                              for p, _, _ in entries])
+        writes = torch.cat([self.state[p]["writes"].view(-1) if "writes" in self.state[p]
+                            else torch.zeros(p.numel(), dtype=torch.int64) for p, _, _ in entries])
+        ratio = chi / programmer.granularity
+        due = (ratio.abs() >= 1).nonzero().squeeze(1)  # the weights whose chi reached epsilon
+        if due.numel():
+            applied, was_programmed = programmer.program(due, ratio[due].round().to(torch.int64))
+            chi = chi.index_add(0, due, applied, alpha=-1)
+            writes = writes.index_add(0, due, was_programmed.to(torch.int64))
+        for (p, _, new_state), layer_chi, layer_writes in zip(entries, chi.split(programmer.sizes),
+                                                               writes.split(programmer.sizes)):
+            new_state["chi"], new_state["writes"] = layer_chi.view_as(p), layer_writes.view_as(p)
+        return int(was_programmed.sum()) if due.numel() else 0
 
     def write_statistics(self) -> dict[str, float]:
         """Programming events per analog weight, and the reduction against writing every

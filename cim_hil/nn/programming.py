@@ -1,0 +1,129 @@
+"""Programming a training step's updates into every analog layer of a model at once.
+
+The optimizer addresses the analog weights of a model by one flat index, layer after layer, and
+hands over the weights whose accumulated update reached the granularity with their signed step
+counts. The write-verify layers that share a tile spec and mapping config (every layer of a
+model on one chip) are written by one ``program_devices`` call, and the host's copies follow in
+a few tensor operations, so a step costs about the same however many layers the model has.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+
+from cim_hil.nn.layers import AnalogLayer
+from cim_hil.nn.mapping import LevelWrite
+
+# What programming one part returned: the weight change each weight took, whether it was
+# programmed, and how to make the host's copies follow once every part has been programmed.
+Outcome = tuple[torch.Tensor, torch.Tensor, Callable[[], None]]
+
+
+class StepProgrammer:
+    """Programs signed steps of the granularity into the weights of ``layers``.
+
+    ``layers`` holds them in the order of the flat index (layers that share one write-verify
+    call next to each other); ``granularity`` the step (epsilon) of every weight.
+    """
+
+    def __init__(self, layers: list[AnalogLayer]) -> None:
+        self.parts: list[_LevelPart | _PulsePart] = [
+            _LevelPart(group) if group[0].levels is not None else _PulsePart(group[0]) for group in _parts(layers)
+        ]
+        self.layers = [layer for part in self.parts for layer in part.layers]
+        self.sizes = [layer.weight.numel() for layer in self.layers]
+        self.granularity = torch.cat([torch.full((layer.weight.numel(),), layer.granularity) for layer in self.layers])
+        self._part_ends = torch.tensor(list(itertools.accumulate(part.size for part in self.parts)))
+
+    @torch.no_grad()
+    def program(self, weights: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Program ``steps`` (k,) into ``weights`` (k,), sorted flat indices.
+
+        Returns the weight change each took, read back after verify (so the caller can account
+        for exactly that), and whether it was programmed (a device already at the bound it is
+        pushed towards is not). Every device is programmed before any host copy changes, so if
+        the board fails midway the host still holds the state from before (a resume re-writes
+        the devices from it).
+        """
+        outcomes = [part.program(chosen, part_steps) for part, chosen, part_steps in _split(
+            self.parts, weights, steps, self._part_ends)]
+        for _, _, commit in outcomes:
+            commit()
+        if len(outcomes) == 1:
+            return outcomes[0][0], outcomes[0][1]
+        return torch.cat([applied for applied, _, _ in outcomes]), torch.cat([programmed for _, programmed, _ in outcomes])
+
+
+class _LevelPart:
+    """Write-verify layers with one tile spec and mapping config: one ``program_devices`` call."""
+
+    def __init__(self, layers: list[AnalogLayer]) -> None:
+        self.layers = layers
+        self.mapping = mapping = layers[0].mapping
+        self.tiles = [tile for layer in layers for tile in layer.mapping.tiles]
+        per_tile = mapping.spec.rows * mapping.spec.cols
+        first_tiles = itertools.accumulate((len(layer.mapping.tiles) for layer in layers[:-1]), initial=0)
+        # Where each weight's devices sit in the stack of ``tiles``, and what one level weighs.
+        self.places = torch.cat([layer.mapping.device_index.view(-1) + first * per_tile
+                                 for layer, first in zip(layers, first_tiles)])
+        self.level_weight = torch.cat([torch.full((layer.weight.numel(),), layer.mapping.weights_for(1))
+                                       for layer in layers])
+        self.size = len(self.places)
+        self._layer_ends = torch.tensor(list(itertools.accumulate(layer.weight.numel() for layer in layers)))
+
+    def program(self, weights: torch.Tensor, steps: torch.Tensor) -> Outcome:
+        mapping = self.mapping
+        before = torch.cat([layer.levels.view(-1) for layer in self.layers])[weights]
+        after = (before + steps * mapping.config.granularity_levels).clamp(mapping.low, mapping.high)
+        reached = LevelWrite(mapping, self.tiles, self.places[weights], after, before).run()
+        applied = (reached - before) * self.level_weight[weights]
+        return applied, after != before, lambda: self._commit(weights, reached)
+
+    def _commit(self, weights: torch.Tensor, reached: torch.Tensor) -> None:
+        for layer, chosen, levels in _split(self.layers, weights, reached, self._layer_ends):
+            layer.levels.view(-1)[chosen] = levels
+            layer.weight.view(-1)[chosen] = layer.mapping.weights_for(levels)
+
+
+class _PulsePart:
+    """One open-loop layer: signed pulse counts, applied as the tiles report."""
+
+    def __init__(self, layer: AnalogLayer) -> None:
+        self.layers = [layer]
+        self.size = layer.weight.numel()
+
+    def program(self, weights: torch.Tensor, steps: torch.Tensor) -> Outcome:
+        layer = self.layers[0]
+        counts = torch.zeros(self.size, dtype=torch.int64).index_put_((weights,), steps)
+        pulses = layer.mapping.program_pulses(counts.view_as(layer.weight)).reshape(-1)[weights]
+        applied = pulses * layer.granularity
+        return applied, pulses != 0, lambda: layer.weight.view(-1).index_add_(0, weights, applied)
+
+
+def _parts(layers: list[AnalogLayer]) -> list[list[AnalogLayer]]:
+    """Write-verify layers grouped by tile spec and mapping config; each open-loop layer alone."""
+    groups: list[list[AnalogLayer]] = []
+    for layer in layers:
+        mapping = layer.mapping
+        for group in groups:
+            other = group[0].mapping
+            if layer.levels is not None and group[0].levels is not None and (
+                    other.spec == mapping.spec and other.config == mapping.config):
+                group.append(layer)
+                break
+        else:
+            groups.append([layer])
+    return groups
+
+
+def _split(owners: list, indices: torch.Tensor, values: torch.Tensor, ends: torch.Tensor):
+    """(owner, its indices counted from its own start, their values) for every owner of a
+    range of the flat index; ``indices`` sorted, ``ends`` each owner's end."""
+    if len(owners) == 1:
+        return [(owners[0], indices, values)]
+    cuts = [0, *torch.searchsorted(indices, ends).tolist()]
+    starts = [0, *ends[:-1].tolist()]
+    return [(owner, indices[a:b] - start, values[a:b]) for owner, start, a, b in zip(owners, starts, cuts, cuts[1:])]
