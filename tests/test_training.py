@@ -59,15 +59,25 @@ def test_model_needing_more_tiles_than_the_board_has_is_refused_with_the_count()
         convert_to_analog(model, open_board("emulator:"))
 
 
+@pytest.mark.parametrize("backward", ["analog", "digital"])
 @pytest.mark.parametrize("geometry", [dict(stride=2, dilation=2, padding=(1, 2)), dict(stride=(1, 2), dilation=(2, 1))])
-def test_analog_convolution_matches_torch_for_strides_dilations_and_padding(geometry):
-    # The patch matrix and the per-patch input scale come from strided views of the image.
+def test_analog_convolution_matches_torch_for_strides_dilations_and_padding(geometry, backward):
+    # Forward: the patch matrix and the per-patch input scale come from strided views of the
+    # image. Backward: the image's gradient is folded back from transpose products, or taken
+    # as a transposed convolution on the host, and must land on the right pixels either way.
     torch.manual_seed(1)
     conv = nn.Conv2d(3, 4, (3, 2), **geometry)
-    analog = convert_to_analog(nn.Sequential(conv), ideal_board(tiles=1))[0]
+    analog = convert_to_analog(nn.Sequential(conv), ideal_board(tiles=1), MappingConfig(backward=backward))[0]
     conv.weight.data = analog.weight.detach().reshape(conv.weight.shape).clone()
-    x = torch.randn(2, 3, 11, 9)
-    assert torch.allclose(analog(x), conv(x), atol=1e-4)
+    x = torch.randn(2, 3, 11, 9, requires_grad=True)
+    x_float = x.detach().clone().requires_grad_(True)
+    y, y_float = analog(x), conv(x_float)
+    assert torch.allclose(y, y_float, atol=1e-4)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_float.backward(grad)
+    assert torch.allclose(x.grad, x_float.grad, atol=1e-4)
+    assert torch.allclose(analog.weight.grad.reshape(conv.weight.shape), conv.weight.grad, atol=1e-4)
 
 
 def one_layer(tiles_config=None, mapping=None):

@@ -6,6 +6,7 @@ exactly this class over the firmware protocol.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict
 
@@ -19,6 +20,12 @@ from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Wi
 
 READ_FULL_SCALE_HEADROOM = 1.25  # conductance reads convert over [0, 1.25 * g_max] (ours)
 MIN_PRODUCT_COLUMNS = 16
+
+
+@functools.cache
+def _beyond_outputs_zeroed(outputs: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A (tiles, 1, max(outputs)) mask of ones on each tile's outputs, zeros beyond them."""
+    return (torch.arange(max(outputs), device=device) < torch.tensor(outputs, device=device).view(-1, 1, 1)).float()
 
 
 class EmulatedTile(Tile):
@@ -60,7 +67,7 @@ class EmulatedTile(Tile):
         self.read_lsb_us = self.read_full_scale_us / (2**per.output_bits - 1)
         # Without reference devices the periphery subtracts a fixed mid-range current.
         self.fixed_reference_us = (dev.g_min_us + dev.g_max_us) / 2
-        self._kept_weights: tuple | None = None
+        self._kept_matrices: tuple | None = None
         self._kept_fixed: tuple | None = None
 
     @property
@@ -89,15 +96,22 @@ class EmulatedTile(Tile):
         self.counters = Counters(**state["counters"])
 
     # ---- products -------------------------------------------------------------------------
-    def _weights(self) -> torch.Tensor:
-        """G - G_ref of every device. Kept until either array's state tensor is replaced: the
-        device model replaces ``g`` on every change, never writes into it."""
-        g = self.devices.g
-        reference = self.references.g if self.references is not None else self.fixed_reference_us
-        kept = self._kept_weights
-        if kept is None or kept[0] is not g or kept[1] is not reference:
-            kept = self._kept_weights = (g, reference, g - reference)
-        return kept[2]
+    @staticmethod
+    def _matrices(tiles: list[EmulatedTile]) -> torch.Tensor:
+        """G - G_ref of every device of ``tiles``, stacked (tiles, rows, cols). Kept on the first
+        tile until any array's state tensor is replaced: the device model replaces ``g`` on
+        every change, never writes into it."""
+        arrays = [array for tile in tiles
+                  for array in (tile.devices.g, tile.references.g if tile.references is not None else None)]
+        kept = tiles[0]._kept_matrices
+        if kept is None or len(kept[0]) != len(arrays) or any(a is not b for a, b in zip(kept[0], arrays)):
+            g = torch.stack(arrays[0::2])
+            if tiles[0].references is not None:
+                g = g - torch.stack(arrays[1::2])
+            else:
+                g = g - tiles[0].fixed_reference_us
+            kept = tiles[0]._kept_matrices = (arrays, g)
+        return kept[1]
 
     @staticmethod
     def _one_chip(tiles: list[EmulatedTile]) -> bool:
@@ -128,10 +142,11 @@ class EmulatedTile(Tile):
         # The matrix product runs on at least MIN_PRODUCT_COLUMNS columns: CPU kernels for fewer
         # are several times slower (LeNet's first layer, 6 outputs: 0.4 ms against 0.17 ms).
         columns = min(max(widest, MIN_PRODUCT_COLUMNS), first.spec.rows if transpose else first.spec.cols)
+        matrices = cls._matrices(tiles)
         if transpose:
-            matrices = torch.stack([tile._weights()[:columns, :driven] for tile in tiles]).transpose(1, 2)
+            matrices = matrices[:, :columns, :driven].transpose(1, 2)
         else:
-            matrices = torch.stack([tile._weights()[:driven, :columns] for tile in tiles])
+            matrices = matrices[:, :driven, :columns]
         currents = torch.bmm(codes, matrices)
         if columns > widest:
             currents = currents[:, :, :widest].contiguous()
@@ -146,11 +161,9 @@ class EmulatedTile(Tile):
             std = codes.norm(dim=2, keepdim=True).mul_(read_std).square_().add_(adc.noise**2).sqrt_()
             currents.addcmul_(std, first._noise_for(tiles, currents.shape[1], outputs))
         adc.convert_(currents)
-        batch = currents.shape[1]
-        for index, (tile, width) in enumerate(zip(tiles, outputs)):
-            if width < widest:
-                currents[index, :, width:] = 0
-            tile._count_products(batch, width, transpose)
+        if min(outputs) < widest:
+            currents.mul_(_beyond_outputs_zeroed(tuple(outputs), currents.device))
+        cls._count_products(tiles, currents.shape[1], outputs, transpose)
         return currents
 
     @staticmethod
@@ -158,23 +171,28 @@ class EmulatedTile(Tile):
         """Standard normal draws (tiles, batch, max(outputs)), tile i's from its own stream as a
         lone (batch, outputs[i]) draw, zero beyond its outputs."""
         widest = max(outputs)
-        noise = torch.empty(len(tiles), batch, widest, device=tiles[0].device)
+        narrow = min(outputs) < widest
+        noise = (torch.zeros if narrow else torch.empty)(len(tiles), batch, widest, device=tiles[0].device)
         for tile, width, draws in zip(tiles, outputs, noise):
             if width == widest:
                 draws.normal_(generator=tile.generator)
             else:
                 draws[:, :width] = torch.randn((batch, width), generator=tile.generator, device=tile.device)
-                draws[:, width:] = 0
         return noise
 
-    def _count_products(self, batch: int, outputs: int, transpose: bool) -> None:
-        c = self.counters
-        c.cycles += self.timing.product_cycles(batch, outputs)
-        c.energy_nj += self.timing.product_energy_nj(batch)
-        if transpose:
-            c.transpose_products += batch
-        else:
-            c.products += batch
+    @staticmethod
+    def _count_products(tiles: list[EmulatedTile], batch: int, outputs: list[int], transpose: bool) -> None:
+        timing = tiles[0].timing  # one chip: one timing model
+        cycles = {width: timing.product_cycles(batch, width) for width in set(outputs)}
+        energy = timing.product_energy_nj(batch)
+        for tile, width in zip(tiles, outputs):
+            c = tile.counters
+            c.cycles += cycles[width]
+            c.energy_nj += energy
+            if transpose:
+                c.transpose_products += batch
+            else:
+                c.products += batch
 
     # ---- conductances ---------------------------------------------------------------------
     def _read_array(self, array: DeviceArray, window: Window) -> torch.Tensor:

@@ -23,10 +23,10 @@ from cim_hil.tile import Tile
 
 class _AnalogProduct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, mapping: TileMapping, peak: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, mapping: TileMapping) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.mapping = mapping
-        return mapping.forward(x, peak)
+        return mapping.forward(x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -35,7 +35,26 @@ class _AnalogProduct(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = mapping.backward(grad_out) if mapping.analog_backward else grad_out @ weight
-        return grad_x, grad_out.T @ x, None, None
+        return grad_x, grad_out.T @ x, None
+
+
+class _AnalogConvolution(torch.autograd.Function):
+    """A convolution's products on the tiles, one per patch of the image (im2col). Backward
+    works on the image (see ``AnalogConv2d._input_gradient``); the weight gradient is the
+    host's product of the output gradient with the patches."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, layer: AnalogConv2d) -> torch.Tensor:
+        patches = layer._patch_matrix(x)
+        ctx.save_for_backward(x, weight, patches)
+        ctx.layer = layer
+        return layer.mapping.forward(patches, layer._patch_peaks(x))
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        x, weight, patches = ctx.saved_tensors
+        grad_x = ctx.layer._input_gradient(x, weight, grad_rows) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_rows.T @ patches, None
 
 
 class AnalogLayer(nn.Module):
@@ -67,8 +86,6 @@ class AnalogLayer(nn.Module):
         else:
             self.mapping.program_levels(self.levels, previous=None)
 
-    def _product(self, x: torch.Tensor, peak: torch.Tensor | None = None) -> torch.Tensor:
-        return _AnalogProduct.apply(x, self.weight, self.mapping, peak)
 
 
 class AnalogLinear(AnalogLayer):
@@ -79,7 +96,7 @@ class AnalogLinear(AnalogLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = self._product(x.reshape(-1, self.in_features))
+        y = _AnalogProduct.apply(x.reshape(-1, self.in_features), self.weight, self.mapping)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -115,12 +132,36 @@ class AnalogConv2d(AnalogLayer):
         peaks = self._windows(peaks, 1, 0).amax(-1)  # (N, out_h, W)
         return self._windows(peaks, 2, 1).amax(-1).reshape(-1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (N, out_h, out_w, C, kh, kw), a view: the patch matrix is built in one copy, about
-        # half the cost of F.unfold's im2col and the transpose after it.
+    def _patch_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """Every patch of ``x`` as a row, (N * out_h * out_w, C * kh * kw). Built from a strided
+        view of the image in one copy, about half the cost of F.unfold's im2col and the
+        transpose after it."""
         patches = self._windows(self._windows(self._padded(x), 2, 0), 3, 1).permute(0, 2, 3, 1, 4, 5)
-        n, out_h, out_w = patches.shape[:3]
-        y = self._product(patches.reshape(n * out_h * out_w, -1), self._patch_peaks(x))
+        return patches.reshape(-1, patches[0, 0, 0].numel())
+
+    def _out_size(self, height: int, width: int) -> tuple[int, int]:
+        return tuple(  # type: ignore[return-value]
+            (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+            for size, pad, dilation, kernel, stride in zip(
+                (height, width), self.padding, self.dilation, self.kernel_size, self.stride)
+        )
+
+    def _input_gradient(self, x: torch.Tensor, weight: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+        """The gradient of the image from the output gradient (one row per patch): transpose
+        products on the tiles summed back over the windows (fold), or on the host from its copy
+        of the weights as a transposed convolution. Either costs a fraction of going back
+        through the strided view the patch matrix was copied from."""
+        n, channels, height, width = x.shape
+        if self.mapping.analog_backward:
+            per_patch = self.mapping.backward(grad_rows).view(n, -1, weight.shape[1])
+            return F.fold(per_patch.transpose(1, 2), (height, width), self.kernel_size, dilation=self.dilation,
+                          padding=self.padding, stride=self.stride)
+        grad_out = grad_rows.view(n, *self._out_size(height, width), self.out_channels).permute(0, 3, 1, 2)
+        return torch.nn.grad.conv2d_input(x.shape, weight.view(self.out_channels, channels, *self.kernel_size), grad_out,
+                                          self.stride, self.padding, self.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _AnalogConvolution.apply(x, self.weight, self)  # (N * out_h * out_w, O)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(n, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+        return y.reshape(x.shape[0], *self._out_size(*x.shape[2:]), self.out_channels).permute(0, 3, 1, 2)
