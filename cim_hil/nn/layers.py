@@ -133,11 +133,18 @@ class AnalogConv2d(AnalogLayer):
         return self._windows(peaks, 2, 1).amax(-1).reshape(-1, 1)
 
     def _patch_matrix(self, x: torch.Tensor) -> torch.Tensor:
-        """Every patch of ``x`` as a row, (N * out_h * out_w, C * kh * kw). Built from a strided
-        view of the image in one copy, about half the cost of F.unfold's im2col and the
-        transpose after it."""
-        patches = self._windows(self._windows(self._padded(x), 2, 0), 3, 1).permute(0, 2, 3, 1, 4, 5)
-        return patches.reshape(-1, patches[0, 0, 0].numel())
+        """Every patch of ``x`` as a row, (N * out_h * out_w, C * kh * kw), copied from a strided
+        view of the image. Where the patch fits one tile (no blocks to cut and pad), it is
+        stored column by column: each column is then a shifted window of every image, runs of
+        out_w values, which copies several times faster than rows of kw-value runs (LeNet's
+        first layer: about 50 us against 320 us). Cut into blocks, a column-major matrix would
+        be copied again, which costs more than it saves."""
+        windows = self._windows(self._windows(self._padded(x), 2, 0), 3, 1)  # (N, C, out_h, out_w, kh, kw)
+        if self.mapping.row_blocks == 1:
+            columns = windows.permute(1, 4, 5, 0, 2, 3)
+            return columns.reshape(columns.shape[:3].numel(), -1).T
+        rows = windows.permute(0, 2, 3, 1, 4, 5)
+        return rows.reshape(rows.shape[:3].numel(), -1)
 
     def _out_size(self, height: int, width: int) -> tuple[int, int]:
         return tuple(  # type: ignore[return-value]
