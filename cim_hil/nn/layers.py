@@ -87,7 +87,6 @@ class AnalogLayer(nn.Module):
             self.mapping.program_levels(self.levels, previous=None)
 
 
-
 class AnalogLinear(AnalogLayer):
     def __init__(self, linear: nn.Linear, tiles: list[Tile], config: MappingConfig) -> None:
         super().__init__()

@@ -118,22 +118,26 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             self._programmers[key] = StepProgrammer([self._layers[index] for index in key])
         programmer = self._programmers[key]
         entries = [analog[id(layer.weight)] for layer in programmer.layers]
-        chi = torch.cat([update.view(-1) for _, update, _ in entries])
-        if any("chi" in self.state[p] for p, _, _ in entries):
-            chi += torch.cat([self.state[p]["chi"].view(-1) if "chi" in self.state[p] else torch.zeros(p.numel())
-                              for p, _, _ in entries])
-        writes = torch.cat([self.state[p]["writes"].view(-1) if "writes" in self.state[p]
-                            else torch.zeros(p.numel(), dtype=torch.int64) for p, _, _ in entries])
+        chi = torch.cat([update.view(-1) for _, update, _ in entries]) + self._flat_state(entries, "chi", torch.float32)
+        writes = self._flat_state(entries, "writes", torch.int64)
         ratio = chi / programmer.granularity
         due = (ratio.abs() >= 1).nonzero().squeeze(1)  # the weights whose chi reached epsilon
+        programmed = 0
         if due.numel():
             applied, was_programmed = programmer.program(due, ratio[due].round().to(torch.int64))
             chi = chi.index_add(0, due, applied, alpha=-1)
             writes = writes.index_add(0, due, was_programmed.to(torch.int64))
+            programmed = int(was_programmed.sum())
         for (p, _, new_state), layer_chi, layer_writes in zip(entries, chi.split(programmer.sizes),
                                                                writes.split(programmer.sizes)):
             new_state["chi"], new_state["writes"] = layer_chi.view_as(p), layer_writes.view_as(p)
-        return int(was_programmed.sum()) if due.numel() else 0
+        return programmed
+
+    def _flat_state(self, entries: list[tuple[torch.Tensor, torch.Tensor, dict]], name: str,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """State ``name`` of every entry's parameter, flat and end to end; zero before its first step."""
+        return torch.cat([self.state[p][name].view(-1) if name in self.state[p] else torch.zeros(p.numel(), dtype=dtype)
+                          for p, _, _ in entries])
 
     def write_statistics(self) -> dict[str, float]:
         """Programming events per analog weight, and the reduction against writing every
