@@ -32,9 +32,11 @@ class ADC:
         self.lsb = full_scale / self.top_code
         self.noise = noise
 
-    def convert_(self, analog: torch.Tensor) -> torch.Tensor:
-        """Snap ``analog`` to the ADC's codes, in place (products are large; no copy)."""
-        return analog.div_(self.lsb).round_().clamp_(-self.top_code, self.top_code).mul_(self.lsb)
+    def convert_lsbs_(self, analog_lsbs: torch.Tensor) -> torch.Tensor:
+        """Snap a signal given in LSBs to the ADC's codes and return the values they stand for,
+        in place (products are large; no copy). The tile computes its products in LSBs, so
+        conversion needs no division."""
+        return analog_lsbs.round_().clamp_(-self.top_code, self.top_code).mul_(self.lsb)
 
 
 def quantise_unsigned(values: torch.Tensor, bits: int, full_scale: float) -> torch.Tensor:

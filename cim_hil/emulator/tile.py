@@ -97,21 +97,23 @@ class EmulatedTile(Tile):
 
     # ---- products -------------------------------------------------------------------------
     @staticmethod
-    def _matrices(tiles: list[EmulatedTile]) -> torch.Tensor:
-        """G - G_ref of every device of ``tiles``, stacked (tiles, rows, cols). Kept on the first
-        tile until any array's state tensor is replaced: the device model replaces ``g`` on
-        every change, never writes into it."""
+    def _matrices(tiles: list[EmulatedTile], factor: float) -> torch.Tensor:
+        """(G - G_ref) * ``factor`` of every device of ``tiles``, stacked (tiles, rows, cols).
+        Kept on the first tile until any array's state tensor is replaced: the device model
+        replaces ``g`` on every change, never writes into it."""
         arrays = [array for tile in tiles
                   for array in (tile.devices.g, tile.references.g if tile.references is not None else None)]
         kept = tiles[0]._kept_matrices
         if kept is None or len(kept[0]) != len(arrays) or any(a is not b for a, b in zip(kept[0], arrays)):
+            kept = tiles[0]._kept_matrices = (arrays, {})
+        if factor not in kept[1]:
             g = torch.stack(arrays[0::2])
             if tiles[0].references is not None:
                 g = g - torch.stack(arrays[1::2])
             else:
                 g = g - tiles[0].fixed_reference_us
-            kept = tiles[0]._kept_matrices = (arrays, g)
-        return kept[1]
+            kept[1][factor] = g.mul_(factor)
+        return kept[1][factor]
 
     @staticmethod
     def _one_chip(tiles: list[EmulatedTile]) -> bool:
@@ -139,29 +141,30 @@ class EmulatedTile(Tile):
         top = top_code(first.spec.input_bits)
         codes = input_codes(x.to(first.device, torch.float32), first.spec.input_bits)
         driven, widest = codes.shape[2], max(outputs)
+        # Products are computed in the ADC's LSBs: one input code on one device makes
+        # (G - G_ref) * v_read / top uA, and the matrices carry that factor over the LSB.
+        adc = first.backward_adc if transpose else first.forward_adc
         # The matrix product runs on at least MIN_PRODUCT_COLUMNS columns: CPU kernels for fewer
         # are several times slower (LeNet's first layer, 6 outputs: 0.4 ms against 0.17 ms).
         columns = min(max(widest, MIN_PRODUCT_COLUMNS), first.spec.rows if transpose else first.spec.cols)
-        matrices = cls._matrices(tiles)
+        matrices = cls._matrices(tiles, first.spec.v_read / (top * adc.lsb))
         if transpose:
             matrices = matrices[:, :columns, :driven].transpose(1, 2)
         else:
             matrices = matrices[:, :driven, :columns]
-        currents = torch.bmm(codes, matrices)
-        if columns > widest:
-            currents = currents[:, :, :widest].contiguous()
-        currents.mul_(first.spec.v_read / top)
+        lsbs = torch.bmm(codes, matrices)[:, :, :widest]
         # Fresh read noise on every device of a product adds, per output, a Gaussian whose std
         # is sigma_read * |input| (exact in distribution, no noise matrix per sample); the ADC's
         # own Gaussian noise adds in quadrature, so one draw serves both.
-        adc = first.backward_adc if transpose else first.forward_adc
         devices_per_weight = 2 if first.references is not None else 1
-        read_std = first.spec.v_read * first.read_noise_us * math.sqrt(devices_per_weight) / top
+        read_std = first.spec.v_read * first.read_noise_us * math.sqrt(devices_per_weight) / (top * adc.lsb)
         if read_std or adc.noise:
             # (A sum of squares, not ``norm``: torch's norm is 20x slower on column-major inputs.)
-            std = codes.square().sum(2, keepdim=True).mul_(read_std**2).add_(adc.noise**2).sqrt_()
-            currents.addcmul_(std, first._noise_for(tiles, currents.shape[1], outputs))
-        adc.convert_(currents)
+            std = codes.square().sum(2, keepdim=True).mul_(read_std**2).add_((adc.noise / adc.lsb) ** 2).sqrt_()
+            lsbs = torch.addcmul(lsbs, std, first._noise_for(tiles, lsbs.shape[1], outputs))
+        else:
+            lsbs = lsbs.contiguous()
+        currents = adc.convert_lsbs_(lsbs)
         if min(outputs) < widest:
             currents.mul_(_beyond_outputs_zeroed(tuple(outputs), currents.device))
         cls._count_products(tiles, currents.shape[1], outputs, transpose)

@@ -203,23 +203,25 @@ class TileMapping:
         return (targets - reference) * self.scale
 
     # ---- products -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, peak: torch.Tensor | None = None) -> torch.Tensor:
-        """x (N, in_features) -> x @ W.T (N, out_features), the products run on the tiles.
-        ``peak`` (N, 1), the largest |x| of each sample, is computed here unless given."""
-        return self._products(x, False, peak)
+    def forward(self, x: torch.Tensor, peak: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, in_features) -> x @ W.T + bias (N, out_features), the products run on the tiles.
+        ``peak`` (N, 1), the largest |x| of each sample, is computed here unless given; the
+        digital ``bias`` (out_features,) is added on the host in the same pass as the scaling."""
+        return self._products(x, False, peak, bias)
 
     def backward(self, d: torch.Tensor) -> torch.Tensor:
         """d (N, out_features) -> d @ W (N, in_features) with transpose products on the tiles."""
-        return self._products(d, True, None)
+        return self._products(d, True, None, None)
 
-    def _products(self, x: torch.Tensor, transpose: bool, peak: torch.Tensor | None) -> torch.Tensor:
+    def _products(
+        self, x: torch.Tensor, transpose: bool, peak: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         """All tiles at once: each gets its block of the inputs, and the partial products of the
         blocks along the summed dimension are added on the host."""
         # Scale each sample to the DAC's full range, as the host driver of the chip does.
         x = x.detach()
         peak = (x.abs().amax(dim=1, keepdim=True) if peak is None else peak).clamp_min(1e-12)
-        normalised = (x / peak).cpu()
-        n, width = normalised.shape
+        n, width = x.shape
         if transpose:  # inputs split by column block, outputs by row block; sum over columns
             blocks, block, summed, kept = self.col_blocks, self.spec.cols, 1, self.row_blocks
             outputs = [w for w in self._block_widths(self.in_features, self.spec.rows, kept) for _ in range(blocks)]
@@ -227,13 +229,19 @@ class TileMapping:
             blocks, block, summed, kept = self.row_blocks, self.spec.rows, 0, self.col_blocks
             outputs = self._block_widths(self.out_features, self.spec.cols, kept) * blocks
         driven = min(block, width)  # the widest input block
-        if blocks * driven > width:
-            normalised = torch.nn.functional.pad(normalised, (0, blocks * driven - width))
-        per_block = normalised.view(n, blocks, driven).transpose(0, 1)  # (blocks, n, driven)
+        if blocks * driven > width:  # the last block is driven in part: its other inputs get zeros
+            normalised = x.new_empty(n, blocks * driven)
+            normalised[:, width:] = 0
+            torch.div(x, peak, out=normalised[:, :width])
+        else:
+            normalised = x / peak
+        per_block = normalised.cpu().view(n, blocks, driven).transpose(0, 1)  # (blocks, n, driven)
         grid = per_block.unsqueeze(0) if transpose else per_block.unsqueeze(1)  # tile (r, c) takes block c or r
         inputs = grid.expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
         currents = products_together(self.tiles, inputs, outputs, transpose).cpu()
         partial = currents.view(self.row_blocks, self.col_blocks, n, -1)
         partial = partial.sum(summed) if blocks > 1 else partial.select(summed, 0)  # (kept, n, block width)
         out = partial.transpose(0, 1).reshape(n, -1)[:, : self.in_features if transpose else self.out_features]
-        return (out * (peak.to(out.device) * (self.scale / self.spec.v_read))).to(x.device, x.dtype)
+        scale = peak.to(out.device) * (self.scale / self.spec.v_read)
+        out = out * scale if bias is None else torch.addcmul(bias.to(out.device), out, scale)
+        return out.to(x.device, x.dtype)
