@@ -30,7 +30,7 @@ def test_analog_gradients_equal_float_gradients_on_ideal_devices(backward):
     analog = convert_to_analog(model, ideal_board(), MappingConfig(backward=backward))
     assert isinstance(analog[0], AnalogConv2d) and isinstance(analog[3], AnalogLinear)
     # The float twin holds exactly what was programmed (weights snap to device levels).
-    model[0].weight.data = analog[0].weight.detach().reshape(model[0].weight.shape).clone()
+    model[0].weight.data = analog[0].as_kernel(analog[0].weight.detach()).clone()
     model[3].weight.data = analog[3].weight.detach().clone()
     x = torch.randn(5, 2, 6, 6, requires_grad=True)
     x_float = x.detach().clone().requires_grad_(True)
@@ -40,7 +40,7 @@ def test_analog_gradients_equal_float_gradients_on_ideal_devices(backward):
     assert torch.allclose(analog(x), model(x_float), atol=1e-4)
     assert torch.allclose(x.grad, x_float.grad, atol=1e-5)
     assert torch.allclose(analog[3].weight.grad, model[3].weight.grad, atol=1e-5)
-    assert torch.allclose(analog[0].weight.grad.reshape(model[0].weight.shape), model[0].weight.grad, atol=1e-5)
+    assert torch.allclose(analog[0].as_kernel(analog[0].weight.grad), model[0].weight.grad, atol=1e-5)
     assert torch.allclose(analog[3].bias.grad, model[3].bias.grad, atol=1e-6)
 
 
@@ -61,15 +61,17 @@ def test_model_needing_more_tiles_than_the_board_has_is_refused_with_the_count()
 
 @pytest.mark.parametrize("backward", ["analog", "digital"])
 @pytest.mark.parametrize("geometry", [dict(stride=2, dilation=2, padding=(1, 2)), dict(stride=(1, 2), dilation=(2, 1))])
-def test_analog_convolution_matches_torch_for_strides_dilations_and_padding(geometry, backward):
-    # Forward: the patch matrix and the per-patch input scale come from strided views of the
-    # image. Backward: the image's gradient is folded back from transpose products, or taken
-    # as a transposed convolution on the host, and must land on the right pixels either way.
+@pytest.mark.parametrize("channels", [3, 12])  # 18 inputs fit one tile; 72 are cut into two blocks
+def test_analog_convolution_matches_torch_for_strides_dilations_and_padding(geometry, backward, channels):
+    # Forward: the patch matrix (column-major on one tile, rows from a channels-last image on
+    # several) and the per-patch input scale come from strided views of the image. Backward:
+    # the image's gradient is folded back from transpose products, or taken as a transposed
+    # convolution on the host, and must land on the right pixels either way.
     torch.manual_seed(1)
-    conv = nn.Conv2d(3, 4, (3, 2), **geometry)
-    analog = convert_to_analog(nn.Sequential(conv), ideal_board(tiles=1), MappingConfig(backward=backward))[0]
-    conv.weight.data = analog.weight.detach().reshape(conv.weight.shape).clone()
-    x = torch.randn(2, 3, 11, 9, requires_grad=True)
+    conv = nn.Conv2d(channels, 4, (3, 2), **geometry)
+    analog = convert_to_analog(nn.Sequential(conv), ideal_board(tiles=2), MappingConfig(backward=backward))[0]
+    conv.weight.data = analog.as_kernel(analog.weight.detach()).clone()
+    x = torch.randn(2, channels, 11, 9, requires_grad=True)
     x_float = x.detach().clone().requires_grad_(True)
     y, y_float = analog(x), conv(x_float)
     assert torch.allclose(y, y_float, atol=1e-4)
@@ -77,7 +79,7 @@ def test_analog_convolution_matches_torch_for_strides_dilations_and_padding(geom
     y.backward(grad)
     y_float.backward(grad)
     assert torch.allclose(x.grad, x_float.grad, atol=1e-4)
-    assert torch.allclose(analog.weight.grad.reshape(conv.weight.shape), conv.weight.grad, atol=1e-4)
+    assert torch.allclose(analog.as_kernel(analog.weight.grad), conv.weight.grad, atol=1e-4)
 
 
 def one_layer(tiles_config=None, mapping=None):
@@ -186,6 +188,15 @@ def test_checkpoint_then_resume_continues_bit_for_bit(mnist, tmp_path):
 
 def test_resume_without_checkpoint_is_a_clear_error(mnist, tmp_path):
     with pytest.raises(CimHilError, match="no checkpoint"):
+        Trainer.resume(tmp_path, mnist)
+
+
+def test_a_checkpoint_of_another_format_is_refused_not_misread(mnist, tmp_path):
+    Trainer(small(), mnist, tmp_path, progress=False).fit(1)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del state["format"]  # as written before formats were marked (kernels flattened channels first)
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(CimHilError, match="format 1, this one reads 2"):
         Trainer.resume(tmp_path, mnist)
 
 

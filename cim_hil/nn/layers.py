@@ -108,7 +108,13 @@ class AnalogLinear(AnalogLayer):
 
 
 class AnalogConv2d(AnalogLayer):
-    """A convolution as one matrix product over the input's patches (im2col)."""
+    """A convolution as one matrix product over the input's patches (im2col).
+
+    ``weight`` is (out_channels, kh * kw * C): each output channel's kernel flattened channels
+    last, the order in which a patch's values lie in a channels-last image (what this layer
+    returns, and what ReLU and pooling keep), so patches copy in runs of kw * C values.
+    ``as_kernel`` gives it as a ``Conv2d`` holds it.
+    """
 
     def __init__(self, conv: nn.Conv2d, tiles: list[Tile], config: MappingConfig) -> None:
         super().__init__()
@@ -116,8 +122,14 @@ class AnalogConv2d(AnalogLayer):
             raise NotImplementedError("analog convolution supports groups=1, numeric zero padding")
         self.out_channels, self.kernel_size = conv.out_channels, conv.kernel_size
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        weight = conv.weight.detach().reshape(conv.out_channels, -1)
+        self.in_channels = conv.in_channels
+        weight = conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
         self._setup(weight.shape[1], conv.out_channels, weight, conv.bias, tiles, config)
+
+    def as_kernel(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` shaped like ``weight`` (the weights, their gradient, chi) as a ``Conv2d``
+        kernel is shaped, (out_channels, C, kh, kw): a view, no copy."""
+        return values.view(self.out_channels, *self.kernel_size, self.in_channels).permute(0, 3, 1, 2)
 
     def _windows(self, x: torch.Tensor, dim: int, axis: int) -> torch.Tensor:
         """Every kernel window along ``dim`` of a padded ``x`` as a new last dimension (a
@@ -142,17 +154,21 @@ class AnalogConv2d(AnalogLayer):
         return self._windows(peaks, 2, 1).amax(-1).reshape(-1, 1)
 
     def _patch_matrix(self, x: torch.Tensor) -> torch.Tensor:
-        """Every patch of ``x`` as a row, (N * out_h * out_w, C * kh * kw), copied from a strided
-        view of the image. Where the patch fits one tile (no blocks to cut and pad), it is
-        stored column by column: each column is then a shifted window of every image, runs of
-        out_w values, which copies several times faster than rows of kw-value runs (LeNet's
-        first layer: about 50 us against 320 us). Cut into blocks, a column-major matrix would
-        be copied again, which costs more than it saves."""
-        windows = self._windows(self._windows(self._padded(x), 2, 0), 3, 1)  # (N, C, out_h, out_w, kh, kw)
+        """Every patch of ``x`` as a row, (N * out_h * out_w, kh * kw * C), copied from a
+        strided view of the image. Where the patch fits one tile (no blocks to cut and pad), it
+        is stored column by column: each column is then a shifted window of every image, runs of
+        out_w values (LeNet's first layer: about 50 us against 320 us for rows). Cut into
+        blocks, a column-major matrix would be copied again, so there rows are copied from a
+        channels-last image, runs of kw * C values (LeNet's second layer: about 60 us against
+        250 us for the channels-first order)."""
+        x = self._padded(x)
         if self.mapping.row_blocks == 1:
-            columns = windows.permute(1, 4, 5, 0, 2, 3)
+            windows = self._windows(self._windows(x, 2, 0), 3, 1)  # (N, C, out_h, out_w, kh, kw)
+            columns = windows.permute(4, 5, 1, 0, 2, 3)
             return columns.reshape(columns.shape[:3].numel(), -1).T
-        rows = windows.permute(0, 2, 3, 1, 4, 5)
+        image = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # (N, H, W, C)
+        windows = self._windows(self._windows(image, 1, 0), 2, 1)  # (N, out_h, out_w, C, kh, kw)
+        rows = windows.permute(0, 1, 2, 4, 5, 3)
         return rows.reshape(rows.shape[:3].numel(), -1)
 
     def _out_size(self, height: int, width: int) -> tuple[int, int]:
@@ -169,12 +185,13 @@ class AnalogConv2d(AnalogLayer):
         through the strided view the patch matrix was copied from."""
         n, channels, height, width = x.shape
         if self.mapping.analog_backward:
-            per_patch = self.mapping.backward(grad_rows).view(n, -1, weight.shape[1])
-            return F.fold(per_patch.transpose(1, 2), (height, width), self.kernel_size, dilation=self.dilation,
-                          padding=self.padding, stride=self.stride)
+            per_patch = self.mapping.backward(grad_rows).view(n, -1, *self.kernel_size, channels)
+            columns = per_patch.permute(0, 4, 2, 3, 1).reshape(n, weight.shape[1], -1)  # fold's order: C, kh, kw
+            return F.fold(columns, (height, width), self.kernel_size, dilation=self.dilation, padding=self.padding,
+                          stride=self.stride)
         grad_out = grad_rows.view(n, *self._out_size(height, width), self.out_channels).permute(0, 3, 1, 2)
-        return torch.nn.grad.conv2d_input(x.shape, weight.view(self.out_channels, channels, *self.kernel_size), grad_out,
-                                          self.stride, self.padding, self.dilation)
+        return torch.nn.grad.conv2d_input(x.shape, self.as_kernel(weight), grad_out, self.stride, self.padding,
+                                          self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _AnalogConvolution.apply(x, self.weight, self.bias, self)  # (N * out_h * out_w, O)

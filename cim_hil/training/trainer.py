@@ -30,6 +30,9 @@ from cim_hil.training.optimizer import MixedPrecisionOptimizer
 from cim_hil.training.plots import plot_training_curves
 
 CHECKPOINT = "checkpoint.pt"
+# Raised whenever what a checkpoint's tensors mean changes. 2: convolution kernels flattened
+# channels last (``AnalogConv2d``).
+CHECKPOINT_FORMAT = 2
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 EVAL_BATCH = 500
@@ -158,6 +161,7 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         state = {
+            "format": CHECKPOINT_FORMAT,
             "config": self.config.model_dump(),
             "epoch": self.epoch,
             "history": self.history,
@@ -182,6 +186,9 @@ class Trainer:
             state = torch.load(path, weights_only=False)
         except Exception as error:  # a damaged file is a user-facing problem, not a traceback
             raise CimHilError(f"checkpoint {path} cannot be read: {error}") from None
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CimHilError(f"checkpoint {path} was written by another version of cim-hil (format "
+                              f"{state.get('format', 1)}, this one reads {CHECKPOINT_FORMAT}); start a new run")
         trainer = cls(validate(TrainConfig, state["config"]), data, out_dir, progress)
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
