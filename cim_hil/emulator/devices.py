@@ -18,9 +18,23 @@ from cim_hil.config import DeviceConfig
 class DeviceArray:
     """``rows x cols`` devices; ``g`` holds the true conductances (uS), unseen by the host.
 
-    Every change replaces ``g`` with a new tensor and never writes into it, so whoever keeps
-    something derived from it (the tile's G - G_ref) can tell by identity whether it is current.
+    Every change replaces ``g`` with a new tensor and never writes into it, and counts in
+    ``g_replacements`` (of all arrays), so whoever keeps something derived from conductances
+    (a tile's G - G_ref) knows it is current while that count stands. ``state_loads`` counts
+    the loads that replace the fixed parameters (bounds, stuck flags) the same way.
     """
+
+    g_replacements = 0
+    state_loads = 0
+
+    @property
+    def g(self) -> torch.Tensor:
+        return self._g
+
+    @g.setter
+    def g(self, value: torch.Tensor) -> None:
+        self._g = value
+        DeviceArray.g_replacements += 1
 
     def __init__(self, config: DeviceConfig, rows: int, cols: int, generator: torch.Generator) -> None:
         """Parameters are drawn from ``generator``, on its device (CPU or CUDA)."""
@@ -53,6 +67,7 @@ class DeviceArray:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name in self.STATE:
             setattr(self, name, state[name].to(self.g.device).clone())
+        DeviceArray.state_loads += 1
 
     def symmetry_point(self) -> torch.Tensor:
         """G* where an up and a down step cancel on average (analytic, for tests and reports)."""

@@ -99,26 +99,25 @@ class EmulatedTile(Tile):
     @staticmethod
     def _matrices(tiles: list[EmulatedTile], factor: float) -> torch.Tensor:
         """(G - G_ref) * ``factor`` of every device of ``tiles``, stacked (tiles, rows, cols).
-        Kept on the first tile until any array's state tensor is replaced: the device model
-        replaces ``g`` on every change, never writes into it."""
-        arrays = [array for tile in tiles
-                  for array in (tile.devices.g, tile.references.g if tile.references is not None else None)]
+        Kept on the first tile until any array's conductances are replaced."""
+        group = tuple(tiles)
         kept = tiles[0]._kept_matrices
-        if kept is None or len(kept[0]) != len(arrays) or any(a is not b for a, b in zip(kept[0], arrays)):
-            kept = tiles[0]._kept_matrices = (arrays, {})
-        if factor not in kept[1]:
-            g = torch.stack(arrays[0::2])
+        if kept is None or kept[0] != group or kept[1] != DeviceArray.g_replacements:
+            kept = tiles[0]._kept_matrices = (group, DeviceArray.g_replacements, {})
+        if factor not in kept[2]:
+            g = torch.stack([tile.devices.g for tile in tiles])
             if tiles[0].references is not None:
-                g = g - torch.stack(arrays[1::2])
+                g = g - torch.stack([tile.references.g for tile in tiles])
             else:
                 g = g - tiles[0].fixed_reference_us
-            kept[1][factor] = g.mul_(factor)
-        return kept[1][factor]
+            kept[2][factor] = g.mul_(factor)
+        return kept[2][factor]
 
     @staticmethod
-    def _one_chip(tiles: list[EmulatedTile]) -> bool:
+    @functools.lru_cache(maxsize=256)
+    def _one_chip(tiles: tuple[EmulatedTile, ...]) -> bool:
         """Whether the tiles share one configuration and torch device, so one batched tensor
-        operation can stand for all of them."""
+        operation can stand for all of them (kept: neither ever changes)."""
         first = tiles[0]
         return all(tile.config is first.config and tile.device == first.device for tile in tiles)
 
@@ -136,7 +135,7 @@ class EmulatedTile(Tile):
         own generator, drawn as a lone product would draw it, so the numbers do not depend on
         which tiles run together."""
         first = tiles[0]
-        if not cls._one_chip(tiles):
+        if not cls._one_chip(tuple(tiles)):
             return super()._products_together(tiles, x, outputs, transpose)
         top = top_code(first.spec.input_bits)
         codes = input_codes(x.to(first.device, torch.float32), first.spec.input_bits)
@@ -237,7 +236,7 @@ class EmulatedTile(Tile):
         read noise from its tile's stream, in the order of a tile-by-tile loop, so the numbers
         do not depend on which tiles run together."""
         first = tiles[0]
-        if not cls._one_chip(tiles):
+        if not cls._one_chip(tuple(tiles)):
             return super()._program_devices(tiles, devices, targets, reference, tolerance_us, max_trials)
         on, rows, cols = first.device, first.spec.rows, first.spec.cols
         per_array = rows * cols
@@ -283,15 +282,14 @@ class EmulatedTile(Tile):
     @staticmethod
     def _fixed_parameters(tiles: list[EmulatedTile], arrays: list[DeviceArray]) -> tuple[torch.Tensor, ...]:
         """Bounds and stuck flags of ``arrays``, each stacked flat. These change only when a
-        checkpoint is loaded, which replaces the tensors, so the stacks are kept on the first
-        tile for as long as every array still holds the tensors they were made from."""
-        names = ("g_min", "g_max", "stuck")
-        sources = [getattr(array, name) for array in arrays for name in names]
+        state is loaded, so the stacks are kept on the first tile until the next load."""
+        group = tuple(arrays)
         kept = tiles[0]._kept_fixed
-        if kept is None or len(kept[0]) != len(sources) or any(a is not b for a, b in zip(kept[0], sources)):
-            stacks = tuple(torch.stack([getattr(array, name) for array in arrays]).view(-1) for name in names)
-            kept = tiles[0]._kept_fixed = (sources, stacks)
-        return kept[1]
+        if kept is None or kept[0] != group or kept[1] != DeviceArray.state_loads:
+            stacks = tuple(torch.stack([getattr(array, name) for array in arrays]).view(-1)
+                           for name in ("g_min", "g_max", "stuck"))
+            kept = tiles[0]._kept_fixed = (group, DeviceArray.state_loads, stacks)
+        return kept[2]
 
     def _convert_read(self, conductances: torch.Tensor) -> torch.Tensor:
         return quantise_unsigned(conductances, self.spec.output_bits, self.read_full_scale_us)

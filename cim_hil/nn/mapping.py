@@ -242,6 +242,7 @@ class TileMapping:
         partial = currents.view(self.row_blocks, self.col_blocks, n, -1)
         partial = partial.sum(summed) if blocks > 1 else partial.select(summed, 0)  # (kept, n, block width)
         out = partial.transpose(0, 1).reshape(n, -1)[:, : self.in_features if transpose else self.out_features]
-        scale = peak.to(out.device) * (self.scale / self.spec.v_read)
-        out = out * scale if bias is None else torch.addcmul(bias.to(out.device), out, scale)
+        back = self.scale / self.spec.v_read  # uA per unit of normalised input -> weight units
+        peak = peak.to(out.device)
+        out = out * (peak * back) if bias is None else torch.addcmul(bias.to(out.device), out, peak, value=back)
         return out.to(x.device, x.dtype)
