@@ -275,11 +275,13 @@ class Tile(ABC):
 
     def _check_targets(self, targets: torch.Tensor) -> None:
         low, high = self.spec.g_min_us, self.spec.g_max_us
-        safe = (targets >= low) & (targets <= high)  # false for NaN too
-        if not safe.all():
+        if not targets.numel():
+            return
+        lowest, highest = torch.aminmax(targets)
+        if not (bool(lowest >= low) and bool(highest <= high)):  # compared in the targets' dtype; false for NaN too
             if not torch.isfinite(targets).all():
                 raise UnsafeValueError("targets contain NaN or infinite values; nothing was programmed")
-            outside = ~safe
+            outside = (targets < low) | (targets > high)
             raise UnsafeValueError(
                 f"{int(outside.sum())} target(s) outside the safe conductance range "
                 f"[{low}, {high}] uS (e.g. {float(targets[outside][0]):.3g} uS); nothing was programmed"
@@ -425,15 +427,17 @@ def program_devices(
     if targets.shape != devices.shape:
         raise ShapeError(f"targets must have one entry per device ({len(devices)}), got {tuple(targets.shape)}")
     reference = torch.as_tensor(reference, dtype=torch.bool).expand(devices.shape)
-    only_references = reference.numel() > 0 and bool(reference.all())
+    references = int(reference.sum())
+    only_references = 0 < references == len(devices)
     kind = _together(tiles, Capability.REFERENCE if only_references else Capability.WRITE_VERIFY)
-    if reference.any():
+    if references:
         tiles[0]._require(Capability.REFERENCE)
     spec = tiles[0].spec
     devices = devices.to(torch.int64)
     if devices.numel():
         count = len(tiles) * spec.rows * spec.cols
-        if int(devices.min()) < 0 or int(devices.max()) >= count:
+        lowest, highest = torch.aminmax(devices)
+        if int(lowest) < 0 or int(highest) >= count:
             raise ShapeError(f"device indices must lie in [0, {count}) for {len(tiles)} tiles")
         key = devices + reference * count
         if key.unique().numel() != key.numel():

@@ -247,8 +247,8 @@ class EmulatedTile(Tile):
         # Array 2t holds tile t's weight devices, 2t + 1 its reference devices; ``key`` is each
         # device's flat index in the stack of all arrays, and sorted by it the devices come in
         # the order of a tile-by-tile loop.
-        array_of = devices.div(per_array, rounding_mode="floor").mul_(2).add_(reference)
-        key, order = (array_of * per_array + devices % per_array).sort()
+        # (2 * tile + reference) * per_array + place, where devices = tile * per_array + place
+        key, order = (devices.div(per_array, rounding_mode="floor").add_(reference).mul_(per_array).add_(devices)).sort()
         counts = torch.bincount(key.div(per_array, rounding_mode="floor"), minlength=2 * len(tiles)).tolist()
         arrays = cls._arrays(tiles)
         draws = torch.cat([
@@ -258,18 +258,17 @@ class EmulatedTile(Tile):
         scale = torch.tensor([first.programming_error_us, first.read_noise_us], device=on)
         errors, read_noise = draws.mul_(scale.view(2, 1, 1))
         g = torch.stack([array.g for array in arrays]).view(-1)
-        g_min, g_max, stuck = (values[key] for values in cls._fixed_parameters(tiles, arrays))
+        g_min, g_max, stuck = (values.index_select(0, key) for values in cls._fixed_parameters(tiles, arrays))
         new_g, reads, taken, missed = write_verify_trials(
-            g[key], g_min, g_max, stuck, targets.to(on)[order], errors, read_noise, first._convert_read, tolerance_us,
+            g.index_select(0, key), g_min, g_max, stuck, targets.to(on).index_select(0, order), errors, read_noise,
+            first._convert_read, tolerance_us,
         )
-        g[key] = new_g  # a fresh stack: the arrays' old tensors are replaced, never written into
+        g.index_copy_(0, key, new_g)  # a fresh stack: the arrays' old tensors are replaced, never written into
         for array, array_g, count in zip(arrays, g.view(len(arrays), rows, cols).unbind(0), counts):
             if count:
                 array.g = array_g
         cls._count_verify(tiles, key, taken)
-        results = [torch.empty_like(values) for values in (reads, taken, missed)]
-        for into, values in zip(results, (reads, taken, missed)):
-            into[order] = values
+        results = (torch.empty_like(values).index_copy_(0, order, values) for values in (reads, taken, missed))
         return ProgramResult(*results, tolerance_us=tolerance_us)
 
     @staticmethod
@@ -305,10 +304,12 @@ class EmulatedTile(Tile):
         busy_rows = row_trials.view(len(tiles), 2 * rows).sum(1).tolist()
         pulses = torch.zeros(len(tiles), dtype=torch.int64, device=trials.device)
         pulses = pulses.index_add_(0, key.div(2 * rows * cols, rounding_mode="floor"), trials).tolist()
+        timing = tiles[0].timing  # one chip: one timing model, whose counts are linear in rows and pulses
+        per_row, per_pulse = timing.verify_trial_cycles(1), timing.pulse_energy_nj(1)
         for tile, busy, pulsed in zip(tiles, busy_rows, pulses):
             c = tile.counters
-            c.cycles += tile.timing.verify_trial_cycles(busy)
-            c.energy_nj += tile.timing.pulse_energy_nj(pulsed)
+            c.cycles += busy * per_row
+            c.energy_nj += pulsed * per_pulse
             c.pulses += pulsed
             c.device_reads += busy * cols
             c.verify_trials += pulsed

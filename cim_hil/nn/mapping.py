@@ -40,17 +40,17 @@ class LevelWrite:
         previous: torch.Tensor | None,
     ) -> None:
         self.mapping, self.tiles = mapping, tiles
-        self.plus, self.minus = mapping._device_levels(levels)
+        self.device_levels = mapping._device_levels(levels)  # (2, k): weight devices, reference devices
         if previous is None:
-            self.write_plus = torch.ones_like(levels, dtype=torch.bool)
-            self.write_minus = torch.full_like(self.write_plus, mapping.spec.supports(Capability.REFERENCE))
+            self.write = torch.ones_like(self.device_levels, dtype=torch.bool)
+            self.write[1] = mapping.spec.supports(Capability.REFERENCE)
         else:
-            old_plus, old_minus = mapping._device_levels(previous)
-            self.write_plus, self.write_minus = self.plus != old_plus, self.minus != old_minus
-        self.devices = torch.cat([places[self.write_plus], places[self.write_minus]])
-        self.plus_count = len(self.devices) - int(self.write_minus.sum())
-        self.reference = torch.arange(len(self.devices)) >= self.plus_count
-        self.targets_us = mapping._conductance(torch.cat([self.plus[self.write_plus], self.minus[self.write_minus]]))
+            self.write = self.device_levels != mapping._device_levels(previous)
+        # Row-major order: every weight device to write, then every reference device.
+        reference, weight = self.write.nonzero(as_tuple=True)
+        self.devices = places.index_select(0, weight)
+        self.reference = reference.bool()
+        self.targets_us = mapping._conductance(self.device_levels[self.write])
 
     def run(self) -> torch.Tensor:
         """Program the devices; returns the relative levels the weights reached, read back."""
@@ -60,12 +60,10 @@ class LevelWrite:
         return self._levels_reached(result.reached_us.cpu())
 
     def _levels_reached(self, reached_us: torch.Tensor) -> torch.Tensor:
-        mapping = self.mapping
-        reached = mapping._level_of(reached_us)
-        plus = self.plus.masked_scatter(self.write_plus, reached[: self.plus_count])
-        if not mapping.config.differential:
-            return plus - mapping.ref_level
-        return plus - self.minus.masked_scatter(self.write_minus, reached[self.plus_count :])
+        reached = self.device_levels.masked_scatter(self.write, self.mapping._level_of(reached_us))
+        if not self.mapping.config.differential:
+            return reached[0] - self.mapping.ref_level
+        return reached[0] - reached[1]
 
 
 class TileMapping:
@@ -152,11 +150,12 @@ class TileMapping:
     def weights_for(self, levels: torch.Tensor) -> torch.Tensor:
         return levels * (self.spacing * self.scale)
 
-    def _device_levels(self, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Absolute device levels (plus device, reference device) for relative weight levels."""
+    def _device_levels(self, levels: torch.Tensor) -> torch.Tensor:
+        """Absolute device levels for relative weight levels (k,), stacked (2, k): the weight
+        (plus) devices', then the reference devices'."""
         if self.config.differential:
-            return levels.clamp(min=0), (-levels).clamp(min=0)
-        return levels + self.ref_level, torch.full_like(levels, self.ref_level)
+            return torch.stack([levels, -levels]).clamp_(min=0)
+        return torch.stack([levels + self.ref_level, torch.full_like(levels, self.ref_level)])
 
     def _conductance(self, device_levels: torch.Tensor) -> torch.Tensor:
         conductance = (device_levels * self.spacing).add_(self.spec.g_min_us)

@@ -49,7 +49,7 @@ class StepProgrammer:
         the devices from it).
         """
         outcomes = [part.program(chosen, part_steps) for part, chosen, part_steps in _split(
-            self.parts, weights, steps, self._part_ends)]
+            self.parts, weights, (steps,), self._part_ends)]
         for _, _, commit in outcomes:
             commit()
         if len(outcomes) == 1:
@@ -76,16 +76,18 @@ class _LevelPart:
 
     def program(self, weights: torch.Tensor, steps: torch.Tensor) -> Outcome:
         mapping = self.mapping
-        before = torch.cat([layer.levels.view(-1) for layer in self.layers])[weights]
-        after = (before + steps * mapping.config.granularity_levels).clamp(mapping.low, mapping.high)
-        reached = LevelWrite(mapping, self.tiles, self.places[weights], after, before).run()
-        applied = (reached - before) * self.level_weight[weights]
-        return applied, after != before, lambda: self._commit(weights, reached)
+        before = torch.cat([layer.levels.view(-1) for layer in self.layers]).index_select(0, weights)
+        after = steps.mul(mapping.config.granularity_levels).add_(before).clamp_(mapping.low, mapping.high)
+        reached = LevelWrite(mapping, self.tiles, self.places.index_select(0, weights), after, before).run()
+        level_weight = self.level_weight.index_select(0, weights)
+        applied = (reached - before) * level_weight
+        return applied, after != before, lambda: self._commit(weights, reached, reached * level_weight)
 
-    def _commit(self, weights: torch.Tensor, reached: torch.Tensor) -> None:
-        for layer, chosen, levels in _split(self.layers, weights, reached, self._layer_ends):
-            layer.levels.view(-1)[chosen] = levels
-            layer.weight.view(-1)[chosen] = layer.mapping.weights_for(levels)
+    def _commit(self, weights: torch.Tensor, levels: torch.Tensor, values: torch.Tensor) -> None:
+        """The host's copies follow: ``levels`` and weight ``values`` of ``weights``."""
+        for layer, chosen, layer_levels, layer_values in _split(self.layers, weights, (levels, values), self._layer_ends):
+            layer.levels.view(-1).index_copy_(0, chosen, layer_levels)
+            layer.weight.view(-1).index_copy_(0, chosen, layer_values)
 
 
 class _PulsePart:
@@ -119,11 +121,12 @@ def _parts(layers: list[AnalogLayer]) -> list[list[AnalogLayer]]:
     return groups
 
 
-def _split(owners: list, indices: torch.Tensor, values: torch.Tensor, ends: torch.Tensor):
-    """(owner, its indices counted from its own start, their values) for every owner of a
-    range of the flat index; ``indices`` sorted, ``ends`` each owner's end."""
+def _split(owners: list, indices: torch.Tensor, values: tuple[torch.Tensor, ...], ends: torch.Tensor):
+    """(owner, its indices counted from its own start, its part of each of ``values``) for
+    every owner of a range of the flat index; ``indices`` sorted, ``ends`` each owner's end."""
     if len(owners) == 1:
-        return [(owners[0], indices, values)]
+        return [(owners[0], indices, *values)]
     cuts = [0, *torch.searchsorted(indices, ends).tolist()]
     starts = [0, *ends[:-1].tolist()]
-    return [(owner, indices[a:b] - start, values[a:b]) for owner, start, a, b in zip(owners, starts, cuts, cuts[1:])]
+    return [(owner, indices[a:b] - start, *(v[a:b] for v in values))
+            for owner, start, a, b in zip(owners, starts, cuts, cuts[1:])]

@@ -124,7 +124,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         due = (ratio.abs() >= 1).nonzero().squeeze(1)  # the weights whose chi reached epsilon
         programmed = 0
         if due.numel():
-            applied, was_programmed = programmer.program(due, ratio[due].round().to(torch.int64))
+            applied, was_programmed = programmer.program(due, ratio.index_select(0, due).round_().to(torch.int64))
             chi = chi.index_add(0, due, applied, alpha=-1)
             writes = writes.index_add(0, due, was_programmed.to(torch.int64))
             programmed = int(was_programmed.sum())
