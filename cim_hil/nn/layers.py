@@ -62,7 +62,18 @@ class _AnalogConvolution(torch.autograd.Function):
     def backward(ctx, grad_rows: torch.Tensor):
         x, weight, patches = ctx.saved_tensors
         grad_x = ctx.layer._input_gradient(x, weight, grad_rows) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_rows.T @ patches, _bias_gradient(ctx, grad_rows), None
+        return grad_x, _split_inner_product(grad_rows.T, patches), _bias_gradient(ctx, grad_rows), None
+
+
+def _split_inner_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for a long inner dimension (a convolution's weight gradient sums over every patch
+    of the batch), cut into one part per CPU thread and run as one batched product: a single
+    product with a few rows runs on one thread (LeNet's first layer, 6 x 18432 x 25: about
+    145 us against 260 us on two threads)."""
+    parts, inner = torch.get_num_threads(), a.shape[1]
+    if parts < 2 or inner % parts:
+        return a @ b
+    return torch.bmm(a.reshape(len(a), parts, -1).transpose(0, 1), b.reshape(parts, -1, b.shape[1])).sum(0)
 
 
 class AnalogLayer(nn.Module):
@@ -190,8 +201,8 @@ class AnalogConv2d(AnalogLayer):
             return F.fold(columns, (height, width), self.kernel_size, dilation=self.dilation, padding=self.padding,
                           stride=self.stride)
         grad_out = grad_rows.view(n, *self._out_size(height, width), self.out_channels).permute(0, 3, 1, 2)
-        return torch.nn.grad.conv2d_input(x.shape, self.as_kernel(weight), grad_out, self.stride, self.padding,
-                                          self.dilation)
+        kernel = self.as_kernel(weight).contiguous()  # on the permuted view the backward is about 20 % slower
+        return torch.nn.grad.conv2d_input(x.shape, kernel, grad_out, self.stride, self.padding, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _AnalogConvolution.apply(x, self.weight, self.bias, self)  # (N * out_h * out_w, O)
