@@ -49,6 +49,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         super().__init__(model.parameters(), defaults)
         self._layers = {id(layer.weight): layer for layer in analog_layers(model)}
         self._programmers: dict[tuple[int, ...], StepProgrammer] = {}  # by the layers a step updates
+        self._flat: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # by state name: see _flat_state
         self.steps = 0
         self.last_step = {"devices_programmed": 0}
 
@@ -128,16 +129,24 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             chi = chi.index_add(0, due, applied, alpha=-1)
             writes = writes.index_add(0, due, was_programmed.to(torch.int64))
             programmed = int(was_programmed.sum())
-        for (p, _, new_state), layer_chi, layer_writes in zip(entries, chi.split(programmer.sizes),
-                                                               writes.split(programmer.sizes)):
-            new_state["chi"], new_state["writes"] = layer_chi.view_as(p), layer_writes.view_as(p)
+        for name, flat in (("chi", chi), ("writes", writes)):
+            views = [part.view_as(p) for (p, _, _), part in zip(entries, flat.split(programmer.sizes))]
+            for (_, _, new_state), view in zip(entries, views):
+                new_state[name] = view
+            self._flat[name] = (flat, views)
         return programmed
 
     def _flat_state(self, entries: list[tuple[torch.Tensor, torch.Tensor, dict]], name: str,
                     dtype: torch.dtype) -> torch.Tensor:
-        """State ``name`` of every entry's parameter, flat and end to end; zero before its first step."""
-        return torch.cat([self.state[p][name].view(-1) if name in self.state[p] else torch.zeros(p.numel(), dtype=dtype)
-                          for p, _, _ in entries])
+        """State ``name`` of every entry's parameter, flat and end to end; zero before its first
+        step. A step stores views of one flat tensor, which the next step takes as it is while
+        the states still are those views (a loaded state is not: it is joined again)."""
+        states = [self.state[p].get(name) for p, _, _ in entries]
+        flat, views = self._flat.get(name, (None, []))
+        if len(views) == len(states) and all(state is view for state, view in zip(states, views)):
+            return flat
+        return torch.cat([state.view(-1) if state is not None else torch.zeros(p.numel(), dtype=dtype)
+                          for state, (p, _, _) in zip(states, entries)])
 
     def write_statistics(self) -> dict[str, float]:
         """Programming events per analog weight, and the reduction against writing every
