@@ -12,6 +12,7 @@ trainer can account for it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -93,6 +94,7 @@ class TileMapping:
         else:
             self.granularity = (config.pulse_step_us or self.spacing) * self.scale
         self.device_index = self._device_index()
+        self._directions = (self._direction(transpose=False), self._direction(transpose=True))
 
     def _check_capabilities(self) -> None:
         spec, config = self.spec, self.config
@@ -140,6 +142,15 @@ class TileMapping:
 
     def _block_widths(self, size: int, block: int, count: int) -> list[int]:
         return [min(block, size - index * block) for index in range(count)]
+
+    def _direction(self, transpose: bool) -> _Direction:
+        if transpose:  # inputs split by column block, outputs by row block; sum over columns
+            kept = self.row_blocks
+            outputs = [w for w in self._block_widths(self.in_features, self.spec.rows, kept) for _ in range(self.col_blocks)]
+            return _Direction(self.col_blocks, self.spec.cols, 1, kept, outputs, self.in_features)
+        kept = self.col_blocks
+        outputs = self._block_widths(self.out_features, self.spec.cols, kept) * self.row_blocks
+        return _Direction(self.row_blocks, self.spec.rows, 0, kept, outputs, self.out_features)
 
     # ---- weights <-> levels ---------------------------------------------------------------
     def levels_for(self, weights: torch.Tensor) -> torch.Tensor:
@@ -221,27 +232,37 @@ class TileMapping:
         x = x.detach()
         peak = (x.abs().amax(dim=1, keepdim=True) if peak is None else peak).clamp_min(1e-12)
         n, width = x.shape
-        if transpose:  # inputs split by column block, outputs by row block; sum over columns
-            blocks, block, summed, kept = self.col_blocks, self.spec.cols, 1, self.row_blocks
-            outputs = [w for w in self._block_widths(self.in_features, self.spec.rows, kept) for _ in range(blocks)]
-        else:
-            blocks, block, summed, kept = self.row_blocks, self.spec.rows, 0, self.col_blocks
-            outputs = self._block_widths(self.out_features, self.spec.cols, kept) * blocks
-        driven = min(block, width)  # the widest input block
-        if blocks * driven > width:  # the last block is driven in part: its other inputs get zeros
-            normalised = x.new_empty(n, blocks * driven)
-            normalised[:, width:] = 0
+        way = self._directions[transpose]
+        driven = min(way.block, width)  # the widest input block
+        if way.blocks * driven > width:  # the last block is driven in part: its other inputs get zeros
+            normalised = x.new_zeros(n, way.blocks * driven)
             torch.div(x, peak, out=normalised[:, :width])
         else:
             normalised = x / peak
-        per_block = normalised.cpu().view(n, blocks, driven).transpose(0, 1)  # (blocks, n, driven)
-        grid = per_block.unsqueeze(0) if transpose else per_block.unsqueeze(1)  # tile (r, c) takes block c or r
-        inputs = grid.expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
-        currents = products_together(self.tiles, inputs, outputs, transpose).cpu()
-        partial = currents.view(self.row_blocks, self.col_blocks, n, -1)
-        partial = partial.sum(summed) if blocks > 1 else partial.select(summed, 0)  # (kept, n, block width)
-        out = partial.transpose(0, 1).reshape(n, -1)[:, : self.in_features if transpose else self.out_features]
+        inputs = normalised.cpu().view(n, way.blocks, driven).transpose(0, 1)  # (blocks, n, driven)
+        if way.kept > 1:  # tile (r, c) takes block c (transposed) or r
+            grid = inputs.unsqueeze(0) if transpose else inputs.unsqueeze(1)
+            inputs = grid.expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
+        currents = products_together(self.tiles, inputs, way.outputs, transpose).cpu()
+        if way.blocks > 1:
+            currents = currents.view(self.row_blocks, self.col_blocks, n, -1).sum(way.summed)  # (kept, n, width)
+        out = currents[0] if way.kept == 1 else currents.transpose(0, 1).reshape(n, -1)[:, : way.features]
         back = self.scale / self.spec.v_read  # uA per unit of normalised input -> weight units
         peak = peak.to(out.device)
         out = out * (peak * back) if bias is None else torch.addcmul(bias.to(out.device), out, peak, value=back)
         return out.to(x.device, x.dtype)
+
+
+@dataclass(frozen=True)
+class _Direction:
+    """How a product in one direction (forward, or transposed) is cut over the grid of tiles:
+    the inputs into ``blocks`` of ``block`` values, the partial products summed over grid axis
+    ``summed``, ``kept`` blocks of outputs side by side; each tile's output count, and the
+    product's width."""
+
+    blocks: int
+    block: int
+    summed: int
+    kept: int
+    outputs: list[int]
+    features: int
