@@ -1,6 +1,8 @@
 """The emulator against the physics and periphery of ../shared/DOMAIN.md."""
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from cim_hil import open_board
 from cim_hil.config import load_config
 from cim_hil.emulator import build_emulator
 from cim_hil.errors import CapabilityError, ConfigError, ShapeError, UnsafeValueError
-from cim_hil.tile import Capability, program_devices, program_together
+from cim_hil.tile import Capability, products_together, program_devices, program_together
 from tests.conftest import IDEAL, make_config
 
 
@@ -304,3 +306,17 @@ def test_window_reads_return_the_window():
     tile = open_board("emulator:")[0]
     assert tile.read_conductances((2, 6, 10, 13)).shape == (4, 3)
     assert tile.counters.device_reads == 12
+
+
+def test_a_dropped_board_is_freed_after_products_and_writes():
+    # What products and writes keep about a group of tiles (its verdicts, stacked matrices)
+    # lives on the tiles themselves, so a sweep that opens board after board does not pile up.
+    kept = []
+    for _ in range(3):
+        tiles = list(build_emulator(make_config(soc=dict(tiles=3, rows=8, cols=8))))
+        products_together(tiles, torch.rand(3, 4, 8), [5, 5, 5])
+        program_devices(tiles, torch.tensor([1, 70, 150]), torch.tensor([20.0, 21.0, 22.0]))
+        kept.append(weakref.ref(tiles[0]))
+        del tiles
+    gc.collect()
+    assert all(ref() is None for ref in kept)

@@ -114,12 +114,12 @@ class EmulatedTile(Tile):
         return kept[2][factor]
 
     @staticmethod
-    @functools.lru_cache(maxsize=256)
-    def _one_chip(tiles: tuple[EmulatedTile, ...]) -> bool:
+    def _one_chip(tiles: list[EmulatedTile]) -> bool:
         """Whether the tiles share one configuration and torch device, so one batched tensor
-        operation can stand for all of them (kept: neither ever changes)."""
+        operation can stand for all of them (the tiles of one board share the very objects)."""
         first = tiles[0]
-        return all(tile.config is first.config and tile.device == first.device for tile in tiles)
+        return all(tile.config is first.config and (tile.device is first.device or tile.device == first.device)
+                   for tile in tiles)
 
     def _forward(self, x: torch.Tensor, outputs: int) -> torch.Tensor:
         return self._products_together([self], x.unsqueeze(0), [outputs], transpose=False)[0]
@@ -135,7 +135,7 @@ class EmulatedTile(Tile):
         own generator, drawn as a lone product would draw it, so the numbers do not depend on
         which tiles run together."""
         first = tiles[0]
-        if not cls._one_chip(tuple(tiles)):
+        if not cls._one_chip(tiles):
             return super()._products_together(tiles, x, outputs, transpose)
         top = top_code(first.spec.input_bits)
         codes = input_codes(x.to(first.device, torch.float32), first.spec.input_bits)
@@ -236,7 +236,7 @@ class EmulatedTile(Tile):
         read noise from its tile's stream, in the order of a tile-by-tile loop, so the numbers
         do not depend on which tiles run together."""
         first = tiles[0]
-        if not cls._one_chip(tuple(tiles)):
+        if not cls._one_chip(tiles):
             return super()._program_devices(tiles, devices, targets, reference, tolerance_us, max_trials)
         on, rows, cols = first.device, first.spec.rows, first.spec.cols
         per_array = rows * cols
