@@ -235,8 +235,7 @@ class Tile(ABC):
             x = x.unsqueeze(0)
         if x.ndim != 2 or not 1 <= x.shape[1] <= width:
             raise ShapeError(f"{what} must have shape (batch, k) with 1 <= k <= {width}, got {tuple(x.shape)}")
-        if x.numel() and not torch.isfinite(x.sum()):  # one reduction: any NaN or inf shows in the sum
-            raise UnsafeValueError(f"{what} contains NaN or infinite values")
+        _require_finite(x, f"{what} contains")
         return x
 
     @staticmethod
@@ -355,6 +354,12 @@ class Tile(ABC):
         return ProgramResult(reached, trials, failed, tolerance_us)
 
 
+def _require_finite(x: torch.Tensor, subject: str) -> None:
+    """Refuse products of ``x`` with a NaN or infinity in it; ``subject`` starts the message."""
+    if x.numel() and not math.isfinite(x.sum().item()):  # one reduction: any NaN or inf shows in the sum
+        raise UnsafeValueError(f"{subject} NaN or infinite values")
+
+
 def _together(tiles: list[Tile], capability: Capability) -> type[Tile]:
     """The class whose ``_..._together`` runs ``tiles``: theirs if they share one, else Tile's loop."""
     if not tiles:
@@ -398,11 +403,8 @@ def products_together(
         raise ShapeError(f"inputs must have shape ({len(tiles)}, batch, k) with 1 <= k <= {width}, got {tuple(x.shape)}")
     if len(outputs) != len(tiles):
         raise ShapeError(f"outputs must give one width per tile ({len(tiles)}), got {len(outputs)}")
-    outputs = [int(o) for o in outputs]
-    if min(outputs) < 1 or max(outputs) > (spec.rows if transpose else spec.cols):
-        raise ShapeError(f"outputs must be between 1 and {spec.rows if transpose else spec.cols}, got {outputs}")
-    if x.numel() and not math.isfinite(x.sum().item()):  # one reduction: any NaN or inf shows in the sum
-        raise UnsafeValueError("inputs contain NaN or infinite values")
+    outputs = [Tile._outputs(o, spec.rows if transpose else spec.cols) for o in outputs]
+    _require_finite(x, "inputs contain")
     return kind._products_together(tiles, x, outputs, transpose)
 
 

@@ -152,13 +152,18 @@ class AnalogConv2d(AnalogLayer):
         (ph, pw) = self.padding
         return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
 
+    @property
+    def _patches_by_column(self) -> bool:
+        """Whether the patch matrix is stored column by column: when a patch fits one tile."""
+        return self.mapping.row_blocks == 1
+
     def _patch_peaks(self, x: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """The largest |input| of every patch, (N * out_h * out_w, 1), which scales that patch to
         the DAC's range. A maximum separates over channels, rows and columns, so reducing the
         image one dimension at a time costs less than reducing a row-major patch matrix; a
         column-major one (see ``_patch_matrix``) reduces faster still (LeNet's first layer:
         about 65 us against 105 us)."""
-        if self.mapping.row_blocks == 1:
+        if self._patches_by_column:
             return patches.abs().amax(1, keepdim=True)
         peaks = self._padded(x.detach().abs().amax(1))  # (N, H, W)
         peaks = self._windows(peaks, 1, 0).amax(-1)  # (N, out_h, W)
@@ -173,7 +178,7 @@ class AnalogConv2d(AnalogLayer):
         channels-last image, runs of kw * C values (LeNet's second layer: about 60 us against
         250 us for the channels-first order)."""
         x = self._padded(x)
-        if self.mapping.row_blocks == 1:
+        if self._patches_by_column:
             windows = self._windows(self._windows(x, 2, 0), 3, 1)  # (N, C, out_h, out_w, kh, kw)
             columns = windows.permute(4, 5, 1, 0, 2, 3)
             return columns.reshape(columns.shape[:3].numel(), -1).T
