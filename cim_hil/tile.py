@@ -235,7 +235,7 @@ class Tile(ABC):
             x = x.unsqueeze(0)
         if x.ndim != 2 or not 1 <= x.shape[1] <= width:
             raise ShapeError(f"{what} must have shape (batch, k) with 1 <= k <= {width}, got {tuple(x.shape)}")
-        _require_finite(x, f"{what} contains")
+        require_finite(x, f"{what} contains")
         return x
 
     @staticmethod
@@ -354,7 +354,7 @@ class Tile(ABC):
         return ProgramResult(reached, trials, failed, tolerance_us)
 
 
-def _require_finite(x: torch.Tensor, subject: str) -> None:
+def require_finite(x: torch.Tensor, subject: str) -> None:
     """Refuse products of ``x`` with a NaN or infinity in it; ``subject`` starts the message."""
     if x.numel() and not math.isfinite(x.sum().item()):  # one reduction: any NaN or inf shows in the sum
         raise UnsafeValueError(f"{subject} NaN or infinite values")
@@ -385,11 +385,13 @@ def _kind_of(tiles: list[Tile], capability: Capability) -> type[Tile]:
 
 
 def products_together(
-    tiles: list[Tile], x: torch.Tensor, outputs: list[int], transpose: bool = False
+    tiles: list[Tile], x: torch.Tensor, outputs: list[int], transpose: bool = False, finite: bool = False
 ) -> torch.Tensor:
     """Products of several tiles at once: tile i takes inputs ``x[i]`` (x is (tiles, batch, k))
     and converts its first ``outputs[i]`` outputs, as ``forward`` (``backward`` when
     ``transpose``) would. Returns (tiles, batch, max(outputs)), zero beyond each tile's outputs.
+    ``finite``: the caller has already refused NaN and infinite inputs (a layer checks each
+    sample's peak, a far smaller tensor than the inputs), so they are not summed again.
 
     The numbers are those of calling each tile in turn; a backend that can run its tiles
     together (the emulator, as one batched tensor operation) does, which is what makes a layer
@@ -404,7 +406,8 @@ def products_together(
     if len(outputs) != len(tiles):
         raise ShapeError(f"outputs must give one width per tile ({len(tiles)}), got {len(outputs)}")
     outputs = [Tile._outputs(o, spec.rows if transpose else spec.cols) for o in outputs]
-    _require_finite(x, "inputs contain")
+    if not finite:
+        require_finite(x, "inputs contain")
     return kind._products_together(tiles, x, outputs, transpose)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from cim_hil import open_board
 from cim_hil.emulator import build_emulator
-from cim_hil.errors import CimHilError
+from cim_hil.errors import CimHilError, UnsafeValueError
 from cim_hil.nn import AnalogConv2d, AnalogLinear, MappingConfig, convert_to_analog
 from cim_hil.training import MixedPrecisionOptimizer, TrainConfig, Trainer
 from cim_hil.training.mnist import load_mnist, read_idx
@@ -51,6 +51,20 @@ def test_layer_spans_several_tiles_and_sums_partial_products():
     x = torch.randn(4, 150)
     assert torch.allclose(analog(x), x @ analog.weight.T + analog.bias, atol=1e-4)
     assert all(tile.counters.products == 4 for tile in board)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("backward", ["analog", "digital"])
+def test_a_layer_refuses_nan_or_infinite_inputs_and_counts_no_product(bad, backward):
+    model = nn.Sequential(nn.Conv2d(12, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 70))  # 108 inputs: two blocks
+    board = ideal_board()
+    analog = convert_to_analog(model, board, MappingConfig(backward=backward))
+    for layer, shape in ((analog[0], (2, 12, 6, 6)), (analog[2], (2, 48))):
+        x = torch.randn(shape)
+        x.view(-1)[7] = bad
+        with pytest.raises(UnsafeValueError, match="the layer's inputs contain NaN or infinite values"):
+            layer(x)
+    assert all(tile.counters.products == 0 for tile in board)
 
 
 def test_model_needing_more_tiles_than_the_board_has_is_refused_with_the_count():

@@ -18,7 +18,7 @@ import torch
 
 from cim_hil.errors import CapabilityError, ConfigError
 from cim_hil.nn.config import MappingConfig
-from cim_hil.tile import Capability, Tile, averaged_read, products_together, program_devices, program_together
+from cim_hil.tile import Capability, Tile, averaged_read, products_together, program_devices, program_together, require_finite
 
 
 def tiles_needed(in_features: int, out_features: int, rows: int, cols: int) -> int:
@@ -231,6 +231,8 @@ class TileMapping:
         # Scale each sample to the DAC's full range, as the host driver of the chip does.
         x = x.detach()
         peak = (x.abs().amax(dim=1, keepdim=True) if peak is None else peak).clamp_min(1e-12)
+        # A NaN or infinity anywhere in a sample shows in its peak (amax propagates NaN).
+        require_finite(peak, "the layer's inputs contain")
         n, width = x.shape
         way = self._directions[transpose]
         driven = min(way.block, width)  # the widest input block
@@ -243,7 +245,7 @@ class TileMapping:
         if way.kept > 1:  # tile (r, c) takes block c (transposed) or r
             grid = inputs.unsqueeze(0) if transpose else inputs.unsqueeze(1)
             inputs = grid.expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
-        currents = products_together(self.tiles, inputs, way.outputs, transpose).cpu()
+        currents = products_together(self.tiles, inputs, way.outputs, transpose, finite=True).cpu()
         if way.blocks > 1:
             currents = currents.view(self.row_blocks, self.col_blocks, n, -1).sum(way.summed)  # (kept, n, width)
         out = currents[0] if way.kept == 1 else currents.transpose(0, 1).reshape(n, -1)[:, : way.features]
