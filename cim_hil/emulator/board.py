@@ -29,8 +29,10 @@ def tile_generator(seed: int, index: int, device: torch.device) -> torch.Generat
 
 def build_emulator(config: EmulatorConfig, url: str = "emulator:") -> Board:
     device = resolve_torch_device(config.torch_device)
+    # Every tile's weight and reference conductances in one tensor: a layer's tiles are one slice.
+    conductances = torch.zeros(config.soc.tiles, 2, config.soc.rows, config.soc.cols, device=device)
     tiles = [
-        EmulatedTile(config, tile_generator(config.seed, index, device), device)
+        EmulatedTile(config, tile_generator(config.seed, index, device), device, (conductances, index))
         for index in range(config.soc.tiles)
     ]
     info = {"backend": "emulator", "seed": config.seed, "clock_hz": config.timing.clock_hz}

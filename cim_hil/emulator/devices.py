@@ -18,13 +18,15 @@ from cim_hil.config import DeviceConfig
 class DeviceArray:
     """``rows x cols`` devices; ``g`` holds the true conductances (uS), unseen by the host.
 
-    Every change replaces ``g`` with a new tensor and never writes into it, and counts in
-    ``g_replacements`` (of all arrays), so whoever keeps something derived from conductances
-    (a tile's G - G_ref) knows it is current while that count stands. ``state_loads`` counts
-    the loads that replace the fixed parameters (bounds, stuck flags) the same way.
+    ``g`` lives in a tensor the array is given (a board keeps every array's conductances in
+    one tensor, so a layer's tiles are one slice of it) or else its own; it stays the same
+    tensor, and every change writes into it and counts in ``g_changes`` (of all arrays), so
+    whoever keeps something derived from conductances (a tile's G - G_ref) knows it is current
+    while that count stands. ``state_loads`` counts the loads that replace the fixed
+    parameters (bounds, stuck flags) the same way.
     """
 
-    g_replacements = 0
+    g_changes = 0
     state_loads = 0
 
     @property
@@ -33,14 +35,18 @@ class DeviceArray:
 
     @g.setter
     def g(self, value: torch.Tensor) -> None:
-        self._g = value
-        DeviceArray.g_replacements += 1
+        self._g.copy_(value)
+        DeviceArray.g_changes += 1
 
-    def __init__(self, config: DeviceConfig, rows: int, cols: int, generator: torch.Generator) -> None:
-        """Parameters are drawn from ``generator``, on its device (CPU or CUDA)."""
+    def __init__(
+        self, config: DeviceConfig, rows: int, cols: int, generator: torch.Generator, storage: torch.Tensor | None = None
+    ) -> None:
+        """Parameters are drawn from ``generator``, on its device (CPU or CUDA); ``storage``
+        (rows, cols), if given, is where the conductances live."""
         self.config = config
         self.generator = generator
         self.shape = (rows, cols)
+        self._g = torch.empty(self.shape, device=generator.device) if storage is None else storage
         span = config.range_us
         self.g_min = config.g_min_us + config.g_min_us * config.bounds_d2d * self._randn()
         self.g_max = config.g_max_us + config.g_max_us * config.bounds_d2d * self._randn()

@@ -29,7 +29,12 @@ def _beyond_outputs_zeroed(outputs: tuple[int, ...], device: torch.device) -> to
 
 
 class EmulatedTile(Tile):
-    def __init__(self, config: EmulatorConfig, generator: torch.Generator, device: torch.device) -> None:
+    def __init__(
+        self, config: EmulatorConfig, generator: torch.Generator, device: torch.device,
+        slot: tuple[torch.Tensor, int] | None = None,
+    ) -> None:
+        """``slot``: (conductances of a board's tiles (tiles, 2, rows, cols), this tile's index):
+        where this tile's weight and reference conductances live; else the tile keeps its own."""
         self.config = config
         self.device = device
         self.generator = generator
@@ -54,8 +59,10 @@ class EmulatedTile(Tile):
         )
         self.counters = Counters(clock_hz=config.timing.clock_hz)
         self.timing = TimingModel(config.timing, per, rows, cols)
-        self.devices = DeviceArray(dev, rows, cols, generator)
-        self.references = DeviceArray(dev, rows, cols, generator) if per.reference_devices else None
+        self.slot = slot or (torch.zeros(1, 2, rows, cols, device=device), 0)
+        conductances = self.slot[0][self.slot[1]]
+        self.devices = DeviceArray(dev, rows, cols, generator, conductances[0])
+        self.references = DeviceArray(dev, rows, cols, generator, conductances[1]) if per.reference_devices else None
         spacing = dev.level_spacing_us
         self.read_noise_us = dev.read_noise_levels * spacing
         self.programming_error_us = dev.programming_error_levels * spacing
@@ -69,6 +76,7 @@ class EmulatedTile(Tile):
         self.fixed_reference_us = (dev.g_min_us + dev.g_max_us) / 2
         self._kept_matrices: tuple | None = None
         self._kept_fixed: tuple | None = None
+        self._kept_slots: tuple | None = None
 
     @property
     def default_tolerance_us(self) -> float:
@@ -99,19 +107,32 @@ class EmulatedTile(Tile):
     @staticmethod
     def _matrices(tiles: list[EmulatedTile], factor: float) -> torch.Tensor:
         """(G - G_ref) * ``factor`` of every device of ``tiles``, stacked (tiles, rows, cols).
-        Kept on the first tile until any array's conductances are replaced."""
+        Kept on the first tile until any array's conductances change."""
         group = tuple(tiles)
         kept = tiles[0]._kept_matrices
-        if kept is None or kept[0] != group or kept[1] != DeviceArray.g_replacements:
-            kept = tiles[0]._kept_matrices = (group, DeviceArray.g_replacements, {})
+        if kept is None or kept[0] != group or kept[1] != DeviceArray.g_changes:
+            kept = tiles[0]._kept_matrices = (group, DeviceArray.g_changes, {})
         if factor not in kept[2]:
-            g = torch.stack([tile.devices.g for tile in tiles])
-            if tiles[0].references is not None:
-                g = g - torch.stack([tile.references.g for tile in tiles])
+            both = EmulatedTile._conductances(tiles)
+            g = torch.stack([tile.devices.g for tile in tiles]) if both is None else both[:, 0]
+            if tiles[0].references is None:
+                reference = tiles[0].fixed_reference_us
             else:
-                g = g - tiles[0].fixed_reference_us
-            kept[2][factor] = g.mul_(factor)
+                reference = torch.stack([tile.references.g for tile in tiles]) if both is None else both[:, 1]
+            kept[2][factor] = torch.sub(g, reference).mul_(factor)
         return kept[2][factor]
+
+    @staticmethod
+    def _conductances(tiles: list[EmulatedTile]) -> torch.Tensor | None:
+        """The tiles' conductances as one slice (tiles, 2, rows, cols) of their board's tensor
+        (weights, then references), when they are consecutive tiles of one board; else None."""
+        group = tuple(tiles)
+        kept = tiles[0]._kept_slots
+        if kept is None or kept[0] != group:
+            storage, first = tiles[0].slot
+            consecutive = all(tile.slot[0] is storage and tile.slot[1] == first + index for index, tile in enumerate(tiles))
+            kept = tiles[0]._kept_slots = (group, storage[first : first + len(tiles)] if consecutive else None)
+        return kept[1]
 
     @staticmethod
     def _one_chip(tiles: list[EmulatedTile]) -> bool:
@@ -257,16 +278,21 @@ class EmulatedTile(Tile):
         ], dim=2)
         scale = torch.tensor([first.programming_error_us, first.read_noise_us], device=on)
         errors, read_noise = draws.mul_(scale.view(2, 1, 1))
-        g = torch.stack([array.g for array in arrays]).view(-1)
+        both = cls._conductances(tiles)
+        # Array a of the stack is slice a of the board's tensor: written in place.
+        g = (torch.stack([array.g for array in arrays]) if both is None else both).view(-1)
         g_min, g_max, stuck = (values.index_select(0, key) for values in cls._fixed_parameters(tiles, arrays))
         new_g, reads, taken, missed = write_verify_trials(
             g.index_select(0, key), g_min, g_max, stuck, targets.to(on).index_select(0, order), errors, read_noise,
             first._convert_read, tolerance_us,
         )
-        g.index_copy_(0, key, new_g)  # a fresh stack: the arrays' old tensors are replaced, never written into
-        for array, array_g, count in zip(arrays, g.view(len(arrays), rows, cols).unbind(0), counts):
-            if count:
-                array.g = array_g
+        g.index_copy_(0, key, new_g)
+        if both is not None:
+            DeviceArray.g_changes += 1
+        else:
+            for array, array_g, count in zip(arrays, g.view(len(arrays), rows, cols).unbind(0), counts):
+                if count:
+                    array.g = array_g
         cls._count_verify(tiles, key, taken)
         results = (torch.empty_like(values).index_copy_(0, order, values) for values in (reads, taken, missed))
         return ProgramResult(*results, tolerance_us=tolerance_us)
