@@ -32,11 +32,13 @@ class ADC:
         self.lsb = full_scale / self.top_code
         self.noise = noise
 
-    def convert_lsbs_(self, analog_lsbs: torch.Tensor) -> torch.Tensor:
+    def convert_lsbs_(self, analog_lsbs: torch.Tensor, code_value: torch.Tensor | None = None) -> torch.Tensor:
         """Snap a signal given in LSBs to the ADC's codes and return the values they stand for,
         in place (products are large; no copy). The tile computes its products in LSBs, so
-        conversion needs no division."""
-        return analog_lsbs.round_().clamp_(-self.top_code, self.top_code).mul_(self.lsb)
+        conversion needs no division. ``code_value``, if given, is what one code stands for
+        output by output (the LSB, or zero where a tile converts no output)."""
+        codes = analog_lsbs.round_().clamp_(-self.top_code, self.top_code)
+        return codes.mul_(self.lsb if code_value is None else code_value)
 
 
 def quantise_unsigned(values: torch.Tensor, bits: int, full_scale: float) -> torch.Tensor:

@@ -6,26 +6,19 @@ exactly this class over the firmware protocol.
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import asdict
 
 import torch
 
 from cim_hil.config import EmulatorConfig
 from cim_hil.emulator.devices import DeviceArray, write_verify_trials
-from cim_hil.emulator.periphery import ADC, input_codes, quantise_unsigned, top_code
+from cim_hil.emulator.periphery import ADC, quantise_unsigned
+from cim_hil.emulator.products import ProductPlan
 from cim_hil.emulator.timing import TimingModel
 from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
 
 READ_FULL_SCALE_HEADROOM = 1.25  # conductance reads convert over [0, 1.25 * g_max] (ours)
-MIN_PRODUCT_COLUMNS = 16
-
-
-@functools.cache
-def _beyond_outputs_zeroed(outputs: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """A (tiles, 1, max(outputs)) mask of ones on each tile's outputs, zeros beyond them."""
-    return (torch.arange(max(outputs), device=device) < torch.tensor(outputs, device=device).view(-1, 1, 1)).float()
+MAX_KEPT_PLANS = 32
 
 
 class EmulatedTile(Tile):
@@ -75,6 +68,7 @@ class EmulatedTile(Tile):
         # Without reference devices the periphery subtracts a fixed mid-range current.
         self.fixed_reference_us = (dev.g_min_us + dev.g_max_us) / 2
         self._kept_matrices: tuple | None = None
+        self._kept_plans: dict[tuple, ProductPlan | None] = {}
         self._kept_fixed: tuple | None = None
         self._kept_slots: tuple | None = None
 
@@ -105,24 +99,6 @@ class EmulatedTile(Tile):
 
     # ---- products -------------------------------------------------------------------------
     @staticmethod
-    def _matrices(tiles: list[EmulatedTile], factor: float) -> torch.Tensor:
-        """(G - G_ref) * ``factor`` of every device of ``tiles``, stacked (tiles, rows, cols).
-        Kept on the first tile until any array's conductances change."""
-        group = tuple(tiles)
-        kept = tiles[0]._kept_matrices
-        if kept is None or kept[0] != group or kept[1] != DeviceArray.g_changes:
-            kept = tiles[0]._kept_matrices = (group, DeviceArray.g_changes, {})
-        if factor not in kept[2]:
-            both = EmulatedTile._conductances(tiles)
-            g = torch.stack([tile.devices.g for tile in tiles]) if both is None else both[:, 0]
-            if tiles[0].references is None:
-                reference = tiles[0].fixed_reference_us
-            else:
-                reference = torch.stack([tile.references.g for tile in tiles]) if both is None else both[:, 1]
-            kept[2][factor] = torch.sub(g, reference).mul_(factor)
-        return kept[2][factor]
-
-    @staticmethod
     def _conductances(tiles: list[EmulatedTile]) -> torch.Tensor | None:
         """The tiles' conductances as one slice (tiles, 2, rows, cols) of their board's tensor
         (weights, then references), when they are consecutive tiles of one board; else None."""
@@ -152,71 +128,19 @@ class EmulatedTile(Tile):
     def _products_together(
         cls, tiles: list[EmulatedTile], x: torch.Tensor, outputs: list[int], transpose: bool
     ) -> torch.Tensor:
-        """All tiles' products as one batched matrix product. Each tile's noise comes from its
-        own generator, drawn as a lone product would draw it, so the numbers do not depend on
-        which tiles run together."""
-        first = tiles[0]
-        if not cls._one_chip(tiles):
+        """All tiles' products as one batched matrix product (see ``ProductPlan``). The plan
+        for the same tiles, outputs and direction is kept on the first tile; a tile's
+        configuration never changes, so neither does its verdict."""
+        plans = tiles[0]._kept_plans
+        key = (tuple(tiles), tuple(outputs), transpose)
+        if key not in plans:
+            if len(plans) >= MAX_KEPT_PLANS:  # a caller that varies its output counts keeps no more than this
+                plans.clear()
+            plans[key] = ProductPlan(tiles, key[1], transpose) if cls._one_chip(tiles) else None
+        plan = plans[key]
+        if plan is None:
             return super()._products_together(tiles, x, outputs, transpose)
-        top = top_code(first.spec.input_bits)
-        codes = input_codes(x.to(first.device, torch.float32), first.spec.input_bits)
-        driven, widest = codes.shape[2], max(outputs)
-        # Products are computed in the ADC's LSBs: one input code on one device makes
-        # (G - G_ref) * v_read / top uA, and the matrices carry that factor over the LSB.
-        adc = first.backward_adc if transpose else first.forward_adc
-        # The matrix product runs on at least MIN_PRODUCT_COLUMNS columns: CPU kernels for fewer
-        # are several times slower (LeNet's first layer, 6 outputs: 0.4 ms against 0.17 ms).
-        columns = min(max(widest, MIN_PRODUCT_COLUMNS), first.spec.rows if transpose else first.spec.cols)
-        matrices = cls._matrices(tiles, first.spec.v_read / (top * adc.lsb))
-        if transpose:
-            matrices = matrices[:, :columns, :driven].transpose(1, 2)
-        else:
-            matrices = matrices[:, :driven, :columns]
-        lsbs = torch.bmm(codes, matrices)[:, :, :widest]
-        # Fresh read noise on every device of a product adds, per output, a Gaussian whose std
-        # is sigma_read * |input| (exact in distribution, no noise matrix per sample); the ADC's
-        # own Gaussian noise adds in quadrature, so one draw serves both.
-        devices_per_weight = 2 if first.references is not None else 1
-        read_std = first.spec.v_read * first.read_noise_us * math.sqrt(devices_per_weight) / (top * adc.lsb)
-        if read_std or adc.noise:
-            # (A sum of squares, not ``norm``: torch's norm is 20x slower on column-major inputs.)
-            std = codes.square().sum(2, keepdim=True).mul_(read_std**2).add_((adc.noise / adc.lsb) ** 2).sqrt_()
-            lsbs = torch.addcmul(lsbs, std, first._noise_for(tiles, lsbs.shape[1], outputs))
-        else:
-            lsbs = lsbs.contiguous()
-        currents = adc.convert_lsbs_(lsbs)
-        if min(outputs) < widest:
-            currents.mul_(_beyond_outputs_zeroed(tuple(outputs), currents.device))
-        cls._count_products(tiles, currents.shape[1], outputs, transpose)
-        return currents
-
-    @staticmethod
-    def _noise_for(tiles: list[EmulatedTile], batch: int, outputs: list[int]) -> torch.Tensor:
-        """Standard normal draws (tiles, batch, max(outputs)), tile i's from its own stream as a
-        lone (batch, outputs[i]) draw, zero beyond its outputs."""
-        widest = max(outputs)
-        narrow = min(outputs) < widest
-        noise = (torch.zeros if narrow else torch.empty)(len(tiles), batch, widest, device=tiles[0].device)
-        for tile, width, draws in zip(tiles, outputs, noise):
-            if width == widest:
-                draws.normal_(generator=tile.generator)
-            else:
-                draws[:, :width] = torch.randn((batch, width), generator=tile.generator, device=tile.device)
-        return noise
-
-    @staticmethod
-    def _count_products(tiles: list[EmulatedTile], batch: int, outputs: list[int], transpose: bool) -> None:
-        timing = tiles[0].timing  # one chip: one timing model
-        cycles = {width: timing.product_cycles(batch, width) for width in set(outputs)}
-        energy = timing.product_energy_nj(batch)
-        for tile, width in zip(tiles, outputs):
-            c = tile.counters
-            c.cycles += cycles[width]
-            c.energy_nj += energy
-            if transpose:
-                c.transpose_products += batch
-            else:
-                c.products += batch
+        return plan.run(x)
 
     # ---- conductances ---------------------------------------------------------------------
     def _read_array(self, array: DeviceArray, window: Window) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""Products of a group of emulated tiles as one batched tensor operation.
+
+A layer asks for products of the same tiles, in the same direction and with the same output
+counts, on every step. Everything that depends only on those (converters, noise constants,
+the slice of the conductance matrices, the cycle counts) is worked out once, in a
+:class:`ProductPlan`, so a product pays only for its tensor work: in LeNet's small layers the
+tensors are tiny and the cost is mostly the number of operations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from cim_hil.emulator.devices import DeviceArray
+from cim_hil.emulator.periphery import input_codes, top_code
+
+if TYPE_CHECKING:
+    from cim_hil.emulator.tile import EmulatedTile
+
+# The matrix product runs on at least this many columns: CPU kernels for fewer are several
+# times slower (LeNet's first layer, 6 outputs: 0.4 ms against 0.17 ms).
+MIN_PRODUCT_COLUMNS = 16
+
+
+class ProductPlan:
+    """Products of ``tiles`` (one chip) in one direction, tile i converting its first
+    ``outputs[i]`` outputs.
+
+    Products are computed in the ADC's LSBs: one input code on one device makes
+    (G - G_ref) * v_read / top uA, and the matrices carry that factor over the LSB. Fresh
+    read noise on every device of a product adds, per output, a Gaussian whose std is
+    sigma_read * |input| (exact in distribution, no noise matrix per sample); the ADC's own
+    Gaussian noise adds in quadrature, so one draw serves both. Each tile's draws come from
+    its own generator, as a lone product would draw them, so the numbers do not depend on
+    which tiles run together.
+    """
+
+    def __init__(self, tiles: list[EmulatedTile], outputs: tuple[int, ...], transpose: bool) -> None:
+        first = tiles[0]
+        spec = first.spec
+        self.tiles, self.outputs, self.transpose = tiles, outputs, transpose
+        self.generators = [tile.generator for tile in tiles]
+        self.input_bits = spec.input_bits
+        self.adc = adc = first.backward_adc if transpose else first.forward_adc
+        self.widest = max(outputs)
+        self.columns = min(max(self.widest, MIN_PRODUCT_COLUMNS), spec.rows if transpose else spec.cols)
+        top = top_code(spec.input_bits)
+        self.factor = spec.v_read / (top * adc.lsb)
+        devices_per_weight = 2 if first.references is not None else 1
+        read_std = spec.v_read * first.read_noise_us * math.sqrt(devices_per_weight) / (top * adc.lsb)
+        self.read_variance, self.adc_variance = read_std**2, (adc.noise / adc.lsb) ** 2
+        # What one ADC code stands for, and zero beyond a tile's outputs (one multiply for both).
+        narrow = min(outputs) < self.widest
+        self.code_value = None
+        if narrow:
+            converted = torch.arange(self.widest, device=first.device) < torch.tensor(outputs, device=first.device).view(-1, 1, 1)
+            self.code_value = converted.float().mul_(adc.lsb)
+        # Cycles and energy are linear in the batch: per sample, tile by tile.
+        self.cycles = [first.timing.product_cycles(1, width) for width in outputs]
+        self.energy_nj = first.timing.product_energy_nj(1)
+        self._matrices: tuple[int, int, torch.Tensor] | None = None  # (g_changes, driven inputs, matrices)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """Currents (tiles, batch, max(outputs)) for inputs ``x`` (tiles, batch, k)."""
+        codes = input_codes(x.to(self.tiles[0].device, torch.float32), self.input_bits)
+        lsbs = torch.bmm(codes, self._matrices_for(codes.shape[2]))
+        if self.widest < self.columns:
+            lsbs = lsbs[:, :, : self.widest]
+        if self.read_variance or self.adc_variance:
+            # (A sum of squares, not ``norm``: torch's norm is 20x slower on column-major inputs.)
+            variance = codes.square().sum(2, keepdim=True).mul_(self.read_variance).add_(self.adc_variance)
+            lsbs = torch.addcmul(lsbs, variance.sqrt_(), self._noise(lsbs.shape[1]))
+        else:
+            lsbs = lsbs.contiguous()
+        currents = self.adc.convert_lsbs_(lsbs, self.code_value)
+        self._count(currents.shape[1])
+        return currents
+
+    def _matrices_for(self, driven: int) -> torch.Tensor:
+        """The tiles' matrices cut to ``driven`` inputs and the product's columns (transposed
+        for a transpose product), kept until any array's conductances change."""
+        kept = self._matrices
+        if kept is None or kept[0] != DeviceArray.g_changes or kept[1] != driven:
+            matrices = conductance_matrices(self.tiles, self.factor)
+            if self.transpose:
+                matrices = matrices[:, : self.columns, :driven].transpose(1, 2)
+            else:
+                matrices = matrices[:, :driven, : self.columns]
+            kept = self._matrices = (DeviceArray.g_changes, driven, matrices)
+        return kept[2]
+
+    def _noise(self, batch: int) -> torch.Tensor:
+        """Standard normal draws (tiles, batch, max(outputs)), tile i's from its own stream as a
+        lone (batch, outputs[i]) draw, zero beyond its outputs."""
+        widest = self.widest
+        narrow = self.code_value is not None
+        noise = (torch.zeros if narrow else torch.empty)(len(self.tiles), batch, widest, device=self.tiles[0].device)
+        for generator, width, draws in zip(self.generators, self.outputs, noise):
+            if width == widest:
+                draws.normal_(generator=generator)
+            else:
+                draws[:, :width] = torch.randn((batch, width), generator=generator, device=draws.device)
+        return noise
+
+    def _count(self, batch: int) -> None:
+        energy = batch * self.energy_nj
+        for tile, cycles in zip(self.tiles, self.cycles):
+            c = tile.counters
+            c.cycles += batch * cycles
+            c.energy_nj += energy
+            if self.transpose:
+                c.transpose_products += batch
+            else:
+                c.products += batch
+
+
+def conductance_matrices(tiles: list[EmulatedTile], factor: float) -> torch.Tensor:
+    """(G - G_ref) * ``factor`` of every device of ``tiles``, stacked (tiles, rows, cols).
+    Kept on the first tile (a forward and a transpose product of the same tiles share it)
+    until any array's conductances change."""
+    first = tiles[0]
+    group = tuple(tiles)
+    kept = first._kept_matrices
+    if kept is None or kept[0] != group or kept[1] != DeviceArray.g_changes:
+        kept = first._kept_matrices = (group, DeviceArray.g_changes, {})
+    if factor not in kept[2]:
+        both = first._conductances(tiles)
+        g = torch.stack([tile.devices.g for tile in tiles]) if both is None else both[:, 0]
+        if first.references is None:
+            reference = first.fixed_reference_us
+        else:
+            reference = torch.stack([tile.references.g for tile in tiles]) if both is None else both[:, 1]
+        kept[2][factor] = torch.sub(g, reference).mul_(factor)
+    return kept[2][factor]
