@@ -149,6 +149,28 @@ def test_chi_is_conserved_when_write_verify_fails():
     assert board[0].devices.stuck[:8, :4].any()
 
 
+def test_host_copies_follow_programming_even_after_a_layer_tensor_is_replaced():
+    board = ideal_board(tiles=2)
+    torch.manual_seed(0)
+    model = convert_to_analog(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 3)), board, MappingConfig())
+    optimizer = MixedPrecisionOptimizer(model, lr=1.0, rule="sgd")
+    for replace in (False, True, False):
+        if replace:  # what a user's surgery or an assign-load would do; the optimizer must follow
+            model[0].levels = model[0].levels.clone()
+            model[1].weight.data = model[1].weight.detach().clone()
+        before = [layer.levels.clone() for layer in model]
+        optimizer.zero_grad()
+        for layer in model:
+            layer.weight.grad = -2 * layer.granularity * torch.ones_like(layer.weight)
+        optimizer.step()
+        for layer, old in zip(model, before):
+            assert (layer.levels > old).any()  # this step reached the layer's own tensors
+            assert torch.equal(layer.weight.detach(), layer.mapping.weights_for(layer.levels))
+    # And the devices hold what the host believes: ideal devices read back their levels.
+    for layer in model:
+        assert torch.allclose(layer(torch.eye(layer.in_features)) - layer.bias, layer.weight.T, atol=1e-4)
+
+
 def test_pulse_programming_accounts_for_applied_pulses():
     model, board = one_layer(mapping=MappingConfig(programming="pulses"))
     layer = model[0]

@@ -58,7 +58,12 @@ class StepProgrammer:
 
 
 class _LevelPart:
-    """Write-verify layers with one tile spec and mapping config: one ``program_devices`` call."""
+    """Write-verify layers with one tile spec and mapping config: one ``program_devices`` call.
+
+    The layers' levels and weights are views of one flat tensor each, so a step reads and
+    writes them in one operation whatever the number of layers; if anything replaces a layer's
+    tensor (``layer.levels = ...``), they are joined again on the next step.
+    """
 
     def __init__(self, layers: list[AnalogLayer]) -> None:
         self.layers = layers
@@ -72,11 +77,23 @@ class _LevelPart:
         self.level_weight = torch.cat([torch.full((layer.weight.numel(),), layer.mapping.weights_for(1))
                                        for layer in layers])
         self.size = len(self.places)
-        self._layer_ends = torch.tensor(list(itertools.accumulate(layer.weight.numel() for layer in layers)))
+        self._join()
+
+    def _join(self) -> None:
+        sizes = [layer.weight.numel() for layer in self.layers]
+        self.levels = torch.cat([layer.levels.view(-1) for layer in self.layers])
+        self.weights = torch.cat([layer.weight.detach().view(-1) for layer in self.layers])
+        for layer, levels, weights in zip(self.layers, self.levels.split(sizes), self.weights.split(sizes)):
+            layer.levels = levels.view_as(layer.levels)
+            layer.weight.data = weights.view_as(layer.weight)
+        self._joined = [(layer.levels.data_ptr(), layer.weight.data_ptr()) for layer in self.layers]
 
     def program(self, weights: torch.Tensor, steps: torch.Tensor) -> Outcome:
+        if any(layer.levels.data_ptr() != levels or layer.weight.data_ptr() != values
+               for layer, (levels, values) in zip(self.layers, self._joined)):
+            self._join()
         mapping = self.mapping
-        before = torch.cat([layer.levels.view(-1) for layer in self.layers]).index_select(0, weights)
+        before = self.levels.index_select(0, weights)
         after = steps.mul(mapping.config.granularity_levels).add_(before).clamp_(mapping.low, mapping.high)
         reached = LevelWrite(mapping, self.tiles, self.places.index_select(0, weights), after, before).run()
         level_weight = self.level_weight.index_select(0, weights)
@@ -85,9 +102,8 @@ class _LevelPart:
 
     def _commit(self, weights: torch.Tensor, levels: torch.Tensor, values: torch.Tensor) -> None:
         """The host's copies follow: ``levels`` and weight ``values`` of ``weights``."""
-        for layer, chosen, layer_levels, layer_values in _split(self.layers, weights, (levels, values), self._layer_ends):
-            layer.levels.view(-1).index_copy_(0, chosen, layer_levels)
-            layer.weight.view(-1).index_copy_(0, chosen, layer_values)
+        self.levels.index_copy_(0, weights, levels)
+        self.weights.index_copy_(0, weights, values)
 
 
 class _PulsePart:
