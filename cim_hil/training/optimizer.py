@@ -119,34 +119,38 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             self._programmers[key] = StepProgrammer([self._layers[index] for index in key])
         programmer = self._programmers[key]
         entries = [analog[id(layer.weight)] for layer in programmer.layers]
-        chi = torch.cat([update.view(-1) for _, update, _ in entries]) + self._flat_state(entries, "chi", torch.float32)
-        writes = self._flat_state(entries, "writes", torch.int64)
+        chi_state, chi_views = self._flat_state(entries, "chi", torch.float32)
+        writes_state, writes_views = self._flat_state(entries, "writes", torch.int64)
+        chi = torch.cat([update.view(-1) for _, update, _ in entries]).add_(chi_state)
         ratio = chi / programmer.granularity
         due = (ratio.abs() >= 1).nonzero().squeeze(1)  # the weights whose chi reached epsilon
         programmed = 0
         if due.numel():
             applied, was_programmed = programmer.program(due, ratio.index_select(0, due).round_().to(torch.int64))
-            chi = chi.index_add(0, due, applied, alpha=-1)
-            writes = writes.index_add(0, due, was_programmed.to(torch.int64))
+            chi.index_add_(0, due, applied, alpha=-1)
+            # Every device is programmed: from here on the step cannot fail, and the states move.
+            writes_state.index_add_(0, due, was_programmed.to(torch.int64))
             programmed = int(was_programmed.sum())
-        for name, flat in (("chi", chi), ("writes", writes)):
-            views = [part.view_as(p) for (p, _, _), part in zip(entries, flat.split(programmer.sizes))]
+        chi_state.copy_(chi)
+        for name, views in (("chi", chi_views), ("writes", writes_views)):
             for (_, _, new_state), view in zip(entries, views):
                 new_state[name] = view
-            self._flat[name] = (flat, views)
         return programmed
 
     def _flat_state(self, entries: list[tuple[torch.Tensor, torch.Tensor, dict]], name: str,
-                    dtype: torch.dtype) -> torch.Tensor:
-        """State ``name`` of every entry's parameter, flat and end to end; zero before its first
-        step. A step stores views of one flat tensor, which the next step takes as it is while
-        the states still are those views (a loaded state is not: it is joined again)."""
+                    dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """State ``name`` of every entry's parameter, flat and end to end (zero before its first
+        step), and views of it shaped like the parameters. The states are those views from the
+        first step on, so a step updates one tensor in place; a state that is not (a loaded
+        one) is joined again."""
         states = [self.state[p].get(name) for p, _, _ in entries]
         flat, views = self._flat.get(name, (None, []))
-        if len(views) == len(states) and all(state is view for state, view in zip(states, views)):
-            return flat
-        return torch.cat([state.view(-1) if state is not None else torch.zeros(p.numel(), dtype=dtype)
-                          for state, (p, _, _) in zip(states, entries)])
+        if len(views) != len(states) or any(state is not view for state, view in zip(states, views)):
+            flat = torch.cat([state.view(-1) if state is not None else torch.zeros(p.numel(), dtype=dtype)
+                              for state, (p, _, _) in zip(states, entries)])
+            views = [part.view_as(p) for (p, _, _), part in zip(entries, flat.split([p.numel() for p, _, _ in entries]))]
+            self._flat[name] = (flat, views)
+        return flat, views
 
     def write_statistics(self) -> dict[str, float]:
         """Programming events per analog weight, and the reduction against writing every
