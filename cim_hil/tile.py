@@ -296,8 +296,11 @@ class Tile(ABC):
 
     # ---- several tiles at once (one layer spread over a board's tiles) --------------------
     @classmethod
-    def _products_together(cls, tiles: list[Tile], x: torch.Tensor, outputs: list[int], transpose: bool) -> torch.Tensor:
-        """One tile after the other; a backend that can run its tiles at once overrides this."""
+    def _products_together(
+        cls, tiles: list[Tile], x: torch.Tensor, outputs: list[int], transpose: bool, normalised: bool = False
+    ) -> torch.Tensor:
+        """One tile after the other; a backend that can run its tiles at once overrides this
+        (and may skip clamping ``normalised`` inputs into the DAC's range)."""
         result = torch.zeros(len(tiles), x.shape[1], max(outputs))
         for index, (tile, inputs, width) in enumerate(zip(tiles, x, outputs)):
             product = tile._backward if transpose else tile._forward
@@ -385,17 +388,14 @@ def _kind_of(tiles: list[Tile], capability: Capability) -> type[Tile]:
 
 
 def products_together(
-    tiles: list[Tile], x: torch.Tensor, outputs: list[int], transpose: bool = False, finite: bool = False
+    tiles: list[Tile], x: torch.Tensor, outputs: list[int], transpose: bool = False, normalised: bool = False
 ) -> torch.Tensor:
     """Products of several tiles at once: tile i takes inputs ``x[i]`` (x is (tiles, batch, k))
     and converts its first ``outputs[i]`` outputs, as ``forward`` (``backward`` when
     ``transpose``) would. Returns (tiles, batch, max(outputs)), zero beyond each tile's outputs.
-    ``finite``: the caller has already refused NaN and infinite inputs (a layer checks each
-    sample's peak, a far smaller tensor than the inputs), so they are not summed again.
-
-    The numbers are those of calling each tile in turn; a backend that can run its tiles
-    together (the emulator, as one batched tensor operation) does, which is what makes a layer
-    spread over many tiles affordable to emulate.
+    ``normalised``: the caller scaled the inputs into [-1, 1] itself and refused NaN and
+    infinities (a layer does both per sample, on a far smaller tensor than the inputs), so they
+    are neither checked nor clamped again.
     """
     kind = _together(tiles, Capability.TRANSPOSE if transpose else Capability.ANALOG_PRODUCTS)
     spec = tiles[0].spec
@@ -406,9 +406,9 @@ def products_together(
     if len(outputs) != len(tiles):
         raise ShapeError(f"outputs must give one width per tile ({len(tiles)}), got {len(outputs)}")
     outputs = [Tile._outputs(o, spec.rows if transpose else spec.cols) for o in outputs]
-    if not finite:
+    if not normalised:
         require_finite(x, "inputs contain")
-    return kind._products_together(tiles, x, outputs, transpose)
+    return kind._products_together(tiles, x, outputs, transpose, normalised)
 
 
 def program_devices(

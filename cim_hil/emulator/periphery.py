@@ -14,9 +14,11 @@ def top_code(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def input_codes(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inputs in [-1, 1] as the nearest signed DAC codes (SPEC.md §4.2 sends exactly these)."""
-    return x.clamp(-1.0, 1.0).mul_(top_code(bits)).round_()
+def input_codes(x: torch.Tensor, bits: int, clamp: bool = True) -> torch.Tensor:
+    """Inputs in [-1, 1] as the nearest signed DAC codes (SPEC.md §4.2 sends exactly these);
+    beyond it the DAC saturates (``clamp``: the caller may know there is no beyond)."""
+    top = top_code(bits)
+    return (x.clamp(-1.0, 1.0).mul_(top) if clamp else x.mul(top)).round_()
 
 
 class ADC:

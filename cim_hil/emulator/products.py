@@ -63,9 +63,10 @@ class ProductPlan:
         self.energy_nj = first.timing.product_energy_nj(1)
         self._matrices: tuple[int, int, torch.Tensor] | None = None  # (g_changes, driven inputs, matrices)
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """Currents (tiles, batch, max(outputs)) for inputs ``x`` (tiles, batch, k)."""
-        codes = input_codes(x.to(self.tiles[0].device, torch.float32), self.input_bits)
+    def run(self, x: torch.Tensor, normalised: bool = False) -> torch.Tensor:
+        """Currents (tiles, batch, max(outputs)) for inputs ``x`` (tiles, batch, k); inputs
+        known to lie in [-1, 1] (``normalised``) are not clamped."""
+        codes = input_codes(x.to(self.tiles[0].device, torch.float32), self.input_bits, clamp=not normalised)
         lsbs = torch.bmm(codes, self._matrices_for(codes.shape[2]))
         if self.widest < self.columns:
             lsbs = lsbs[:, :, : self.widest]

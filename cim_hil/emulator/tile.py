@@ -126,7 +126,7 @@ class EmulatedTile(Tile):
 
     @classmethod
     def _products_together(
-        cls, tiles: list[EmulatedTile], x: torch.Tensor, outputs: list[int], transpose: bool
+        cls, tiles: list[EmulatedTile], x: torch.Tensor, outputs: list[int], transpose: bool, normalised: bool = False
     ) -> torch.Tensor:
         """All tiles' products as one batched matrix product (see ``ProductPlan``). The plan
         for the same tiles, outputs and direction is kept on the first tile; a tile's
@@ -140,7 +140,7 @@ class EmulatedTile(Tile):
         plan = plans[key]
         if plan is None:
             return super()._products_together(tiles, x, outputs, transpose)
-        return plan.run(x)
+        return plan.run(x, normalised)
 
     # ---- conductances ---------------------------------------------------------------------
     def _read_array(self, array: DeviceArray, window: Window) -> torch.Tensor:

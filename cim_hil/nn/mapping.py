@@ -245,7 +245,7 @@ class TileMapping:
         if way.kept > 1:  # tile (r, c) takes block c (transposed) or r
             grid = inputs.unsqueeze(0) if transpose else inputs.unsqueeze(1)
             inputs = grid.expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
-        currents = products_together(self.tiles, inputs, way.outputs, transpose, finite=True).cpu()
+        currents = products_together(self.tiles, inputs, way.outputs, transpose, normalised=True).cpu()
         if way.blocks > 1:
             currents = currents.view(self.row_blocks, self.col_blocks, n, -1).sum(way.summed)  # (kept, n, width)
         out = currents[0] if way.kept == 1 else currents.transpose(0, 1).reshape(n, -1)[:, : way.features]
