@@ -200,8 +200,9 @@ class EmulatedTile(Tile):
             torch.randn((2, max_trials, count), generator=array.generator, device=on)
             for array, count in zip(arrays, counts) if count
         ], dim=2)
-        scale = torch.tensor([first.programming_error_us, first.read_noise_us], device=on)
-        errors, read_noise = draws.mul_(scale.view(2, 1, 1))
+        errors, read_noise = draws
+        errors.mul_(first.programming_error_us)
+        read_noise.mul_(first.read_noise_us)
         both = cls._conductances(tiles)
         # Array a of the stack is slice a of the board's tensor: written in place.
         g = (torch.stack([array.g for array in arrays]) if both is None else both).view(-1)

@@ -146,7 +146,8 @@ class AnalogConv2d(AnalogLayer):
         """Every kernel window along ``dim`` of a padded ``x`` as a new last dimension (a
         strided view, no copy); ``axis`` 0 is the kernel's height, 1 its width."""
         size, stride, dilation = self.kernel_size[axis], self.stride[axis], self.dilation[axis]
-        return x.unfold(dim, (size - 1) * dilation + 1, stride)[..., ::dilation]
+        windows = x.unfold(dim, (size - 1) * dilation + 1, stride)
+        return windows[..., ::dilation] if dilation > 1 else windows
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         (ph, pw) = self.padding
