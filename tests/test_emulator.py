@@ -161,6 +161,27 @@ def test_named_devices_on_several_tiles_program_as_the_same_writes_by_mask():
     assert torch.equal(result.trials, torch.cat([weights.trials.flatten()[shuffled], references.trials.flatten()[shuffled]]))
 
 
+def test_tiles_out_of_board_order_give_the_numbers_each_tile_gives_alone():
+    # A board keeps its tiles' conductances in one tensor; a group that is not a run of
+    # consecutive tiles of it is written and multiplied by another path, with the same numbers.
+    config = make_config(soc=dict(tiles=3, rows=16, cols=16))
+    alone, grouped = list(build_emulator(config)), list(build_emulator(config))
+    picked = [grouped[2], grouped[0]]
+    generator = torch.Generator().manual_seed(7)
+    targets = 8 + 20 * torch.rand(2, 16, 16, generator=generator)
+    mask = torch.rand(2, 16, 16, generator=generator) < 0.3
+    x = torch.rand(2, 5, 16, generator=generator) * 2 - 1
+    for reference in (False, True):
+        program_together(picked, targets, mask, reference=reference)
+        for tile, tile_targets, tile_mask in zip([alone[2], alone[0]], targets, mask):
+            program_together([tile], tile_targets.unsqueeze(0), tile_mask.unsqueeze(0), reference=reference)
+    currents = products_together(picked, x, [16, 9])
+    assert torch.equal(currents[0], alone[2].forward(x[0])) and torch.equal(currents[1, :, :9], alone[0].forward(x[1], 9))
+    for one, other in zip(alone, grouped):
+        assert torch.equal(one.devices.g, other.devices.g) and torch.equal(one.references.g, other.references.g)
+        assert one.counters == other.counters
+
+
 def test_bad_device_writes_are_refused_before_any_device_moves():
     tiles = list(build_emulator(make_config(soc=dict(tiles=2, rows=8, cols=8))))
     before = [tile.devices.g.clone() for tile in tiles]

@@ -97,7 +97,7 @@ class EmulatedTile(Tile):
         self.generator.set_state(state["generator"])
         self.counters = Counters(**state["counters"])
 
-    # ---- products -------------------------------------------------------------------------
+    # ---- where the conductances live --------------------------------------------------------
     @staticmethod
     def _conductances(tiles: list[EmulatedTile]) -> torch.Tensor | None:
         """The tiles' conductances as one slice (tiles, 2, rows, cols) of their board's tensor
@@ -110,6 +110,7 @@ class EmulatedTile(Tile):
             kept = tiles[0]._kept_slots = (group, storage[first : first + len(tiles)] if consecutive else None)
         return kept[1]
 
+    # ---- products -------------------------------------------------------------------------
     @staticmethod
     def _one_chip(tiles: list[EmulatedTile]) -> bool:
         """Whether the tiles share one configuration and torch device, so one batched tensor
@@ -189,9 +190,9 @@ class EmulatedTile(Tile):
             return ProgramResult(torch.empty(0, device=on), torch.empty(0, dtype=torch.int64, device=on),
                                  torch.empty(0, dtype=torch.bool, device=on), tolerance_us)
         devices, reference = devices.to(on), reference.to(on)
-        # Array 2t holds tile t's weight devices, 2t + 1 its reference devices; ``key`` is each
-        # device's flat index in the stack of all arrays, and sorted by it the devices come in
-        # the order of a tile-by-tile loop.
+        # Array 2t holds tile t's weight devices, 2t + 1 its reference devices (the layout of
+        # the board's tensor); ``key`` is each device's flat index in the stack of all arrays,
+        # and sorted by it the devices come in the order of a tile-by-tile loop.
         # (2 * tile + reference) * per_array + place, where devices = tile * per_array + place
         key, order = (devices.div(per_array, rounding_mode="floor").add_(reference).mul_(per_array).add_(devices)).sort()
         counts = torch.bincount(key.div(per_array, rounding_mode="floor"), minlength=2 * len(tiles)).tolist()
