@@ -118,9 +118,9 @@ def write_verify_trials(
     trial-by-trial loop. Returns the new conductances, the accepted (else last) reads, the
     trials each device took, and which devices failed.
     """
-    landed = torch.where(stuck, g, torch.maximum(torch.minimum(targets + errors, g_max), g_min))
+    landed = torch.where(stuck, g, (targets + errors).clamp_(g_min, g_max))  # bounds never cross (g_max > g_min)
     reads = convert(landed + read_noise)
-    accepted = (reads - targets).abs() <= tolerance_us
+    accepted = (reads - targets).abs_() <= tolerance_us
     passed, first = accepted.to(torch.uint8).max(dim=0)  # the first maximum's index: first accepted trial
     passed = passed.bool()
     last = torch.where(passed, first, len(accepted) - 1).unsqueeze(0)

@@ -46,4 +46,4 @@ class ADC:
 def quantise_unsigned(values: torch.Tensor, bits: int, full_scale: float) -> torch.Tensor:
     """Conductance reads through an unsigned ``bits``-bit conversion over [0, full_scale]."""
     lsb = full_scale / (2**bits - 1)
-    return torch.round(values.clamp(0.0, full_scale) / lsb) * lsb
+    return values.clamp(0.0, full_scale).div_(lsb).round_().mul_(lsb)
