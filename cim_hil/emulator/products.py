@@ -61,7 +61,7 @@ class ProductPlan:
         # Cycles and energy are linear in the batch: per sample, tile by tile.
         self.cycles = [first.timing.product_cycles(1, width) for width in outputs]
         self.energy_nj = first.timing.product_energy_nj(1)
-        self._matrices: tuple[int, int, torch.Tensor] | None = None  # (g_changes, driven inputs, matrices)
+        self._matrices: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (matrices, driven inputs, their cut)
 
     def run(self, x: torch.Tensor, normalised: bool = False) -> torch.Tensor:
         """Currents (tiles, batch, max(outputs)) for inputs ``x`` (tiles, batch, k); inputs
@@ -82,15 +82,15 @@ class ProductPlan:
 
     def _matrices_for(self, driven: int) -> torch.Tensor:
         """The tiles' matrices cut to ``driven`` inputs and the product's columns (transposed
-        for a transpose product), kept until any array's conductances change."""
+        for a transpose product): a view, kept while the matrices are refreshed in place."""
+        matrices = conductance_matrices(self.tiles, self.factor)
         kept = self._matrices
-        if kept is None or kept[0] != DeviceArray.g_changes or kept[1] != driven:
-            matrices = conductance_matrices(self.tiles, self.factor)
+        if kept is None or kept[0] is not matrices or kept[1] != driven:
             if self.transpose:
-                matrices = matrices[:, : self.columns, :driven].transpose(1, 2)
+                cut = matrices[:, : self.columns, :driven].transpose(1, 2)
             else:
-                matrices = matrices[:, :driven, : self.columns]
-            kept = self._matrices = (DeviceArray.g_changes, driven, matrices)
+                cut = matrices[:, :driven, : self.columns]
+            kept = self._matrices = (matrices, driven, cut)
         return kept[2]
 
     def _noise(self, batch: int) -> torch.Tensor:
@@ -120,19 +120,29 @@ class ProductPlan:
 
 def conductance_matrices(tiles: list[EmulatedTile], factor: float) -> torch.Tensor:
     """(G - G_ref) * ``factor`` of every device of ``tiles``, stacked (tiles, rows, cols).
-    Kept on the first tile (a forward and a transpose product of the same tiles share it)
-    until any array's conductances change."""
+    Kept on the first tile (a forward and a transpose product of the same tiles share it) and
+    computed again into the same tensor when any array's conductances change, so views of it
+    stay current."""
     first = tiles[0]
     group = tuple(tiles)
     kept = first._kept_matrices
-    if kept is None or kept[0] != group or kept[1] != DeviceArray.g_changes:
-        kept = first._kept_matrices = (group, DeviceArray.g_changes, {})
+    if kept is None or kept[0] != group:
+        kept = first._kept_matrices = [group, DeviceArray.g_changes, {}]
+    if kept[1] != DeviceArray.g_changes:
+        for kept_factor, matrices in kept[2].items():
+            _difference(tiles, kept_factor, out=matrices)
+        kept[1] = DeviceArray.g_changes
     if factor not in kept[2]:
-        both = first._conductances(tiles)
-        g = torch.stack([tile.devices.g for tile in tiles]) if both is None else both[:, 0]
-        if first.references is None:
-            reference = first.fixed_reference_us
-        else:
-            reference = torch.stack([tile.references.g for tile in tiles]) if both is None else both[:, 1]
-        kept[2][factor] = torch.sub(g, reference).mul_(factor)
+        kept[2][factor] = _difference(tiles, factor)
     return kept[2][factor]
+
+
+def _difference(tiles: list[EmulatedTile], factor: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    first = tiles[0]
+    both = first._conductances(tiles)
+    g = torch.stack([tile.devices.g for tile in tiles]) if both is None else both[0]
+    if first.references is None:
+        reference = first.fixed_reference_us
+    else:
+        reference = torch.stack([tile.references.g for tile in tiles]) if both is None else both[1]
+    return torch.sub(g, reference, out=out).mul_(factor)

@@ -67,7 +67,7 @@ class EmulatedTile(Tile):
         self.read_lsb_us = self.read_full_scale_us / (2**per.output_bits - 1)
         # Without reference devices the periphery subtracts a fixed mid-range current.
         self.fixed_reference_us = (dev.g_min_us + dev.g_max_us) / 2
-        self._kept_matrices: tuple | None = None
+        self._kept_matrices: list | None = None
         self._kept_plans: dict[tuple, ProductPlan | None] = {}
         self._kept_fixed: tuple | None = None
         self._kept_slots: tuple | None = None
@@ -99,15 +99,17 @@ class EmulatedTile(Tile):
 
     # ---- where the conductances live --------------------------------------------------------
     @staticmethod
-    def _conductances(tiles: list[EmulatedTile]) -> torch.Tensor | None:
+    def _conductances(tiles: list[EmulatedTile]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The tiles' conductances as one slice (tiles, 2, rows, cols) of their board's tensor
-        (weights, then references), when they are consecutive tiles of one board; else None."""
+        and its weight and reference halves, when they are consecutive tiles of one board;
+        else None."""
         group = tuple(tiles)
         kept = tiles[0]._kept_slots
         if kept is None or kept[0] != group:
             storage, first = tiles[0].slot
             consecutive = all(tile.slot[0] is storage and tile.slot[1] == first + index for index, tile in enumerate(tiles))
-            kept = tiles[0]._kept_slots = (group, storage[first : first + len(tiles)] if consecutive else None)
+            both = storage[first : first + len(tiles)]
+            kept = tiles[0]._kept_slots = (group, (both[:, 0], both[:, 1], both) if consecutive else None)
         return kept[1]
 
     # ---- products -------------------------------------------------------------------------
@@ -206,7 +208,7 @@ class EmulatedTile(Tile):
         read_noise.mul_(first.read_noise_us)
         both = cls._conductances(tiles)
         # Array a of the stack is slice a of the board's tensor: written in place.
-        g = (torch.stack([array.g for array in arrays]) if both is None else both).view(-1)
+        g = (torch.stack([array.g for array in arrays]) if both is None else both[2]).view(-1)
         g_min, g_max, stuck = (values.index_select(0, key) for values in cls._fixed_parameters(tiles, arrays))
         new_g, reads, taken, missed = write_verify_trials(
             g.index_select(0, key), g_min, g_max, stuck, targets.to(on).index_select(0, order), errors, read_noise,
