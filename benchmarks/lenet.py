@@ -54,6 +54,8 @@ def main() -> None:
                 "write_reduction": last["write_reduction"],
                 "chip_seconds_last_epoch": last["chip_seconds"],
                 "chip_energy_uj_last_epoch": last["chip_energy_uj"],
+                "float_epoch_seconds": [row["train_seconds"] for row in float_history],
+                "mp_epoch_seconds": [row["train_seconds"] for row in mp_history],
             })
     mean = lambda name: statistics.mean(row[name] for row in seeds)  # noqa: E731
     float_s, mp_s = statistics.median(float_epochs), statistics.median(mp_epochs)
