@@ -393,6 +393,11 @@ def products_together(
     """Products of several tiles at once: tile i takes inputs ``x[i]`` (x is (tiles, batch, k))
     and converts its first ``outputs[i]`` outputs, as ``forward`` (``backward`` when
     ``transpose``) would. Returns (tiles, batch, max(outputs)), zero beyond each tile's outputs.
+
+    The numbers are those of calling each tile in turn; a backend that can run its tiles
+    together (the emulator, as one batched tensor operation) does, which is what makes a layer
+    spread over many tiles affordable to emulate.
+
     ``normalised``: the caller scaled the inputs into [-1, 1] itself and refused NaN and
     infinities (a layer does both per sample, on a far smaller tensor than the inputs), so they
     are neither checked nor clamped again.
