@@ -42,8 +42,10 @@ def main() -> None:
                        TrainConfig(epochs=args.epochs, seed=seed)]
             baseline, trainer = run_side_by_side(configs, data, [f"{scratch}/float{seed}", f"{scratch}/mp{seed}"])
             float_history, mp_history = baseline.history, trainer.history
-            float_epochs += [row["train_seconds"] for row in float_history]
-            mp_epochs += [row["train_seconds"] for row in mp_history]
+            float_seconds = [row["train_seconds"] for row in float_history]
+            mp_seconds = [row["train_seconds"] for row in mp_history]
+            float_epochs += float_seconds
+            mp_epochs += mp_seconds
             last = mp_history[-1]
             seeds.append({
                 "seed": seed,
@@ -54,8 +56,8 @@ def main() -> None:
                 "write_reduction": last["write_reduction"],
                 "chip_seconds_last_epoch": last["chip_seconds"],
                 "chip_energy_uj_last_epoch": last["chip_energy_uj"],
-                "float_epoch_seconds": [row["train_seconds"] for row in float_history],
-                "mp_epoch_seconds": [row["train_seconds"] for row in mp_history],
+                "float_epoch_seconds": float_seconds,
+                "mp_epoch_seconds": mp_seconds,
             })
     mean = lambda name: statistics.mean(row[name] for row in seeds)  # noqa: E731
     float_s, mp_s = statistics.median(float_epochs), statistics.median(mp_epochs)
