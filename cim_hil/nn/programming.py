@@ -80,12 +80,11 @@ class _LevelPart:
         self._join()
 
     def _join(self) -> None:
-        sizes = [layer.weight.numel() for layer in self.layers]
-        self.levels = torch.cat([layer.levels.view(-1) for layer in self.layers])
-        self.weights = torch.cat([layer.weight.detach().view(-1) for layer in self.layers])
-        for layer, levels, weights in zip(self.layers, self.levels.split(sizes), self.weights.split(sizes)):
-            layer.levels = levels.view_as(layer.levels)
-            layer.weight.data = weights.view_as(layer.weight)
+        self.levels, level_views = join_flat([layer.levels for layer in self.layers])
+        self.weights, weight_views = join_flat([layer.weight.detach() for layer in self.layers])
+        for layer, levels, weights in zip(self.layers, level_views, weight_views):
+            layer.levels = levels
+            layer.weight.data = weights
         self._joined = [(layer.levels.data_ptr(), layer.weight.data_ptr()) for layer in self.layers]
 
     def program(self, weights: torch.Tensor, steps: torch.Tensor) -> Outcome:
@@ -135,6 +134,13 @@ def _parts(layers: list[AnalogLayer]) -> list[list[AnalogLayer]]:
         else:
             groups.append([layer])
     return groups
+
+
+def join_flat(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``parts`` end to end in one new flat tensor, and views of it shaped like each part: what
+    lets a step read and write many layers' tensors in one operation."""
+    flat = torch.cat([part.reshape(-1) for part in parts])
+    return flat, [piece.view_as(part) for piece, part in zip(flat.split([part.numel() for part in parts]), parts)]
 
 
 def _split(owners: list, indices: torch.Tensor, values: tuple[torch.Tensor, ...], ends: torch.Tensor):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cim_hil.nn.convert import analog_layers
-from cim_hil.nn.programming import StepProgrammer
+from cim_hil.nn.programming import StepProgrammer, join_flat
 
 Rule = Literal["sgd", "adam"]
 
@@ -146,9 +146,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         states = [self.state[p].get(name) for p, _, _ in entries]
         flat, views = self._flat.get(name, (None, []))
         if len(views) != len(states) or any(state is not view for state, view in zip(states, views)):
-            flat = torch.cat([state.view(-1) if state is not None else torch.zeros(p.numel(), dtype=dtype)
-                              for state, (p, _, _) in zip(states, entries)])
-            views = [part.view_as(p) for (p, _, _), part in zip(entries, flat.split([p.numel() for p, _, _ in entries]))]
+            flat, views = join_flat([state if state is not None else torch.zeros_like(p, dtype=dtype)
+                                     for state, (p, _, _) in zip(states, entries)])
             self._flat[name] = (flat, views)
         return flat, views
 
