@@ -204,8 +204,13 @@ class AnalogConv2d(AnalogLayer):
             return F.fold(columns, (height, width), self.kernel_size, dilation=self.dilation, padding=self.padding,
                           stride=self.stride)
         grad_out = grad_rows.view(n, *self._out_size(height, width), self.out_channels).permute(0, 3, 1, 2)
-        kernel = self.as_kernel(weight).contiguous()  # on the permuted view the backward is about 20 % slower
-        return torch.nn.grad.conv2d_input(x.shape, kernel, grad_out, self.stride, self.padding, self.dilation)
+        # Given the image itself (not only its shape, as ``conv2d_input`` is), the backward keeps
+        # its memory format: a channels-last gradient, which pooling's backward on this layer's
+        # channels-last output takes about 4x faster than a channels-first one.
+        return torch.ops.aten.convolution_backward(
+            grad_out, x, self.as_kernel(weight), None, self.stride, self.padding, self.dilation, False, [0, 0], 1,
+            [True, False, False],
+        )[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _AnalogConvolution.apply(x, self.weight, self.bias, self)  # (N * out_h * out_w, O)
