@@ -130,22 +130,30 @@ def test_board_that_disappears_mid_step_leaves_the_host_state_intact():
     board.start()
     host = open_board(url, QUICK)
     model = convert_to_analog(torch.nn.Sequential(torch.nn.Linear(20, 10)), host, MappingConfig())
-    optimizer = MixedPrecisionOptimizer(model, lr=0.5, rule="sgd")
+    optimizer = MixedPrecisionOptimizer(model, lr=0.5, rule="adam")
     layer = model[0]
 
-    def step():
+    def gradients():
         optimizer.zero_grad()
         model(torch.rand(4, 20)).square().sum().backward()
-        optimizer.step()
 
-    step()
-    chi, weight, levels = (optimizer.state[layer.weight]["chi"].clone(), layer.weight.detach().clone(),
-                           layer.levels.clone())
-    board.stop()  # the cable is pulled
+    def host_state():
+        state = {(name, key): value.clone() if torch.is_tensor(value) else value
+                 for name, p in model.named_parameters() for key, value in optimizer.state[p].items()}
+        return state, [p.detach().clone() for p in model.parameters()], layer.levels.clone()
+
+    gradients()
+    optimizer.step()
+    before = host_state()
+    gradients()
+    board.stop()  # the cable is pulled while the step programs the devices
     with pytest.raises(BoardError, match=url.replace(".", r"\.")):
-        step()
-    assert torch.equal(optimizer.state[layer.weight]["chi"], chi)
-    assert torch.equal(layer.weight, weight) and torch.equal(layer.levels, levels)
+        optimizer.step()
+    state, params, levels = host_state()
+    assert state.keys() == before[0].keys() and all(
+        torch.equal(value, before[0][key]) if torch.is_tensor(value) else value == before[0][key]
+        for key, value in state.items())
+    assert all(torch.equal(p, old) for p, old in zip(params, before[1])) and torch.equal(levels, before[2])
     assert optimizer.steps == 1
     host.close()
 

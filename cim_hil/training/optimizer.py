@@ -20,6 +20,7 @@ knows, and a resume re-writes the devices from the host's copy (``Trainer.resume
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -49,79 +50,96 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         super().__init__(model.parameters(), defaults)
         self._layers = {id(layer.weight): layer for layer in analog_layers(model)}
         self._programmers: dict[tuple[int, ...], StepProgrammer] = {}  # by the layers a step updates
-        self._flat: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # by state name: see _flat_state
+        self._flat: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # see _flat_state
         self.steps = 0
         self.last_step = {"devices_programmed": 0}
 
-    @staticmethod
-    def _directions(grads: list[torch.Tensor], states: list[dict], group: dict) -> tuple[list[torch.Tensor], list[dict]]:
-        """The updates -lr * (rule's step) for a group's parameters, and the rule's new states
-        (computed aside, so a failed step leaves the old states as they were). Each operation
-        runs over the whole list (torch's ``_foreach`` kernels, as torch's own optimizers use),
-        so a step costs the same few calls however many parameters the model has."""
+    def _rule(self, index: int, group: dict, params: list[torch.Tensor]) -> tuple[torch.Tensor, Callable[[], None]]:
+        """The updates -lr * (rule's step) of a group's ``params``, end to end in one flat
+        tensor, and how to move the rule's state once the step has succeeded (until then it is
+        computed aside, so a failed step leaves it as it was). The rule runs on the flat
+        gradient and flat states, so a step costs the same few operations however many
+        parameters the model has."""
         lr = group["lr"]
-        if group["rule"] == "sgd":
-            if not group["momentum"]:
-                return torch._foreach_mul(grads, -lr), [{} for _ in grads]
-            buffers = [
-                grad.clone() if "momentum_buffer" not in state else state["momentum_buffer"] * group["momentum"] + grad
-                for grad, state in zip(grads, states)
-            ]
-            return torch._foreach_mul(buffers, -lr), [{"momentum_buffer": buffer} for buffer in buffers]
-        beta1, beta2 = group["betas"]
-        steps = [state.get("step", 0) + 1 for state in states]
-        def moments(name: str) -> list[torch.Tensor]:  # zero before a parameter's first step
-            return [state[name] if name in state else torch.zeros_like(grad) for grad, state in zip(grads, states)]
+        grad = torch.cat([p.grad.reshape(-1) for p in params])
+        steps = [self.state[p].get("step", 0) + 1 for p in params]
 
-        m = torch._foreach_lerp(moments("exp_avg"), grads, 1 - beta1)
-        v = torch._foreach_mul(moments("exp_avg_sq"), beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-        # Adam with bias correction, as torch.optim.Adam computes it.
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, [math.sqrt(1 - beta2**step) for step in steps])
-        torch._foreach_add_(denom, group["eps"])
-        updates = torch._foreach_div(m, denom)
-        torch._foreach_mul_(updates, [-lr / (1 - beta1**step) for step in steps])
-        return updates, [{"step": step, "exp_avg": a, "exp_avg_sq": b} for step, a, b in zip(steps, m, v)]
+        def flat(name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            return self._flat_state(("rule", index, name), params, name, torch.float32)
+
+        if group["rule"] == "sgd":
+            names = ("momentum_buffer",) if group["momentum"] else ()
+            flats = [flat(name) for name in names]
+            # A buffer starts at zero, so the first step's is the gradient itself, as in torch's SGD.
+            new = [flats[0][0].mul(group["momentum"]).add_(grad)] if names else []
+            update = (new[0] if names else grad).mul(-lr)
+        else:
+            names = ("exp_avg", "exp_avg_sq")
+            flats = [flat(name) for name in names]
+            beta1, beta2 = group["betas"]
+            new = [torch.lerp(flats[0][0], grad, 1 - beta1), flats[1][0].mul(beta2).addcmul_(grad, grad, value=1 - beta2)]
+            # Adam with bias correction, as torch.optim.Adam computes it.
+            denom = new[1].sqrt().div_(self._per_step(steps, params, lambda step: math.sqrt(1 - beta2**step)))
+            update = new[0].div(denom.add_(group["eps"]))
+            update.mul_(self._per_step(steps, params, lambda step: -lr / (1 - beta1**step)))
+
+        def commit() -> None:
+            for name, (joined, views), values in zip(names, flats, new):
+                joined.copy_(values)
+                for p, view in zip(params, views):
+                    self.state[p][name] = view
+            for p, step in zip(params, steps):
+                self.state[p]["step"] = step
+
+        return update, commit
+
+    @staticmethod
+    def _per_step(steps: list[int], params: list[torch.Tensor], factor: Callable[[int], float]) -> float | torch.Tensor:
+        """``factor`` of each parameter's step count: one number when they share it (always, unless
+        some parameter went without a gradient in some step), else one per element."""
+        if all(step == steps[0] for step in steps):
+            return factor(steps[0])
+        values = torch.tensor([factor(step) for step in steps], dtype=torch.float32)
+        return values.repeat_interleave(torch.tensor([p.numel() for p in params]))
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        new_states, digital, analog = [], [], {}
-        for group in self.param_groups:
+        commits, digital, analog = [], [], {}
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            updates, states = self._directions([p.grad for p in params], [self.state[p] for p in params], group)
-            for p, update, new_state in zip(params, updates, states):
-                new_states.append((p, new_state))
+            update, commit = self._rule(index, group, params)
+            commits.append(commit)
+            for p, piece in zip(params, update.split([p.numel() for p in params])):
                 if id(p) in self._layers:
-                    analog[id(p)] = (p, update, new_state)
+                    analog[id(p)] = piece
                 else:
-                    digital.append((p, update))
+                    digital.append((p, piece.view_as(p)))
         programmed = self._program(analog) if analog else 0  # if the board fails here, no state has changed
         if digital:
             torch._foreach_add_([p for p, _ in digital], [update for _, update in digital])
-        for p, new_state in new_states:
-            self.state[p].update(new_state)
+        for commit in commits:
+            commit()
         self.steps += 1
         self.last_step = {"devices_programmed": programmed}
         return loss
 
-    def _program(self, analog: dict[int, tuple[torch.Tensor, torch.Tensor, dict]]) -> int:
-        """Accumulate the analog weights' updates in chi, program every weight whose |chi|
-        reached epsilon (all layers in one go), and put chi and the write counts, less what the
-        devices took, into the new states. Works on one flat vector of all the weights, so a
+    def _program(self, analog: dict[int, torch.Tensor]) -> int:
+        """Accumulate the analog weights' flat updates (by the weight's id) in chi, program every
+        weight whose |chi| reached epsilon (all layers in one go), then take what the devices
+        took off chi and count the writes. Works on one flat vector of all the weights, so a
         step costs the same few operations however many layers there are. Returns how many
         devices were programmed."""
         key = tuple(index for index in self._layers if index in analog)  # in the model's order
         if key not in self._programmers:
             self._programmers[key] = StepProgrammer([self._layers[index] for index in key])
         programmer = self._programmers[key]
-        entries = [analog[id(layer.weight)] for layer in programmer.layers]
-        chi_state, chi_views = self._flat_state(entries, "chi", torch.float32)
-        writes_state, writes_views = self._flat_state(entries, "writes", torch.int64)
-        chi = torch.cat([update.view(-1) for _, update, _ in entries]).add_(chi_state)
+        params = [layer.weight for layer in programmer.layers]
+        chi_state, chi_views = self._flat_state(("chi",), params, "chi", torch.float32)
+        writes_state, writes_views = self._flat_state(("writes",), params, "writes", torch.int64)
+        chi = torch.cat([analog[id(p)] for p in params]).add_(chi_state)
         ratio = chi / programmer.granularity
         due = (ratio.abs() >= 1).nonzero().squeeze(1)  # the weights whose chi reached epsilon
         programmed = 0
@@ -132,23 +150,22 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             writes_state.index_add_(0, due, was_programmed.to(torch.int64))
             programmed = int(was_programmed.sum())
         chi_state.copy_(chi)
-        for name, views in (("chi", chi_views), ("writes", writes_views)):
-            for (_, _, new_state), view in zip(entries, views):
-                new_state[name] = view
+        for p, chi_view, writes_view in zip(params, chi_views, writes_views):
+            self.state[p].update(chi=chi_view, writes=writes_view)
         return programmed
 
-    def _flat_state(self, entries: list[tuple[torch.Tensor, torch.Tensor, dict]], name: str,
+    def _flat_state(self, key: tuple, params: list[torch.Tensor], name: str,
                     dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """State ``name`` of every entry's parameter, flat and end to end (zero before its first
-        step), and views of it shaped like the parameters. The states are those views from the
-        first step on, so a step updates one tensor in place; a state that is not (a loaded
-        one) is joined again."""
-        states = [self.state[p].get(name) for p, _, _ in entries]
-        flat, views = self._flat.get(name, (None, []))
+        """State ``name`` of ``params``, flat and end to end (zero before a parameter's first
+        step), and views of it shaped like the parameters, kept under ``key``. The states are
+        those views from the first step on, so a step updates one tensor in place; a state that
+        is not (a loaded one) is joined again."""
+        states = [self.state[p].get(name) for p in params]
+        flat, views = self._flat.get(key, (None, []))
         if len(views) != len(states) or any(state is not view for state, view in zip(states, views)):
             flat, views = join_flat([state if state is not None else torch.zeros_like(p, dtype=dtype)
-                                     for state, (p, _, _) in zip(states, entries)])
-            self._flat[name] = (flat, views)
+                                     for state, p in zip(states, params)])
+            self._flat[key] = (flat, views)
         return flat, views
 
     def write_statistics(self) -> dict[str, float]:
