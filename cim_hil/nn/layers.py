@@ -204,9 +204,9 @@ class AnalogConv2d(AnalogLayer):
             return F.fold(columns, (height, width), self.kernel_size, dilation=self.dilation, padding=self.padding,
                           stride=self.stride)
         grad_out = grad_rows.view(n, *self._out_size(height, width), self.out_channels).permute(0, 3, 1, 2)
-        # Given the image itself (not only its shape, as ``conv2d_input`` is), the backward keeps
-        # its memory format: a channels-last gradient, which pooling's backward on this layer's
-        # channels-last output takes about 4x faster than a channels-first one.
+        # Given the image itself (``conv2d_input`` takes only its shape), the gradient comes in
+        # the image's memory format. An earlier analog convolution's output, pooled, is channels
+        # last, and pooling's backward takes a channels-first gradient for it about 4x slower.
         return torch.ops.aten.convolution_backward(
             grad_out, x, self.as_kernel(weight), None, self.stride, self.padding, self.dilation, False, [0, 0], 1,
             [True, False, False],
