@@ -51,7 +51,7 @@ class LevelWrite:
         reference, weight = self.write.nonzero(as_tuple=True)
         self.devices = places.index_select(0, weight)
         self.reference = reference.bool()
-        self.targets_us = mapping._conductance(self.device_levels[self.write])
+        self.targets_us = mapping._conductance(self.device_levels.masked_select(self.write))  # (a bool index: 2x slower)
 
     def run(self) -> torch.Tensor:
         """Program the devices; returns the relative levels the weights reached, read back."""
