@@ -246,9 +246,9 @@ class TileMapping:
             grid = inputs.unsqueeze(0) if transpose else inputs.unsqueeze(1)
             inputs = grid.expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
         currents = products_together(self.tiles, inputs, way.outputs, transpose, normalised=True).cpu()
-        if way.blocks > 1:
-            currents = currents.view(self.row_blocks, self.col_blocks, n, -1).sum(way.summed)  # (kept, n, width)
-        out = currents[0] if way.kept == 1 else currents.transpose(0, 1).reshape(n, -1)[:, : way.features]
+        # (n, kept, summed, width): summing the blocks writes the kept ones side by side, no copy.
+        grid = currents.view(self.row_blocks, self.col_blocks, n, -1).permute(2, 1 - way.summed, way.summed, 3)
+        out = (grid.sum(2) if way.blocks > 1 else grid[:, :, 0]).reshape(n, -1)[:, : way.features]
         back = self.scale / self.spec.v_read  # uA per unit of normalised input -> weight units
         peak = peak.to(out.device)
         out = out * (peak * back) if bias is None else torch.addcmul(bias.to(out.device), out, peak, value=back)
