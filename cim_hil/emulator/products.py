@@ -72,7 +72,7 @@ class ProductPlan:
             lsbs = lsbs[:, :, : self.widest]
         if self.read_variance or self.adc_variance:
             # (A sum of squares, not ``norm``: torch's norm is 20x slower on column-major inputs.)
-            variance = codes.square().sum(2, keepdim=True).mul_(self.read_variance).add_(self.adc_variance)
+            variance = codes.square_().sum(2, keepdim=True).mul_(self.read_variance).add_(self.adc_variance)
             lsbs = torch.addcmul(lsbs, variance.sqrt_(), self._noise(lsbs.shape[1]))
         else:
             lsbs = lsbs.contiguous()
