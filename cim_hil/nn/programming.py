@@ -34,7 +34,6 @@ class StepProgrammer:
             _LevelPart(group) if group[0].levels is not None else _PulsePart(group[0]) for group in _parts(layers)
         ]
         self.layers = [layer for part in self.parts for layer in part.layers]
-        self.sizes = [layer.weight.numel() for layer in self.layers]
         self.granularity = torch.cat([torch.full((layer.weight.numel(),), layer.granularity) for layer in self.layers])
         self._part_ends = torch.tensor(list(itertools.accumulate(part.size for part in self.parts)))
 
@@ -49,7 +48,7 @@ class StepProgrammer:
         the devices from it).
         """
         outcomes = [part.program(chosen, part_steps) for part, chosen, part_steps in _split(
-            self.parts, weights, (steps,), self._part_ends)]
+            self.parts, weights, steps, self._part_ends)]
         for _, _, commit in outcomes:
             commit()
         if len(outcomes) == 1:
@@ -143,12 +142,11 @@ def join_flat(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tenso
     return flat, [piece.view_as(part) for piece, part in zip(flat.split([part.numel() for part in parts]), parts)]
 
 
-def _split(owners: list, indices: torch.Tensor, values: tuple[torch.Tensor, ...], ends: torch.Tensor):
-    """(owner, its indices counted from its own start, its part of each of ``values``) for
-    every owner of a range of the flat index; ``indices`` sorted, ``ends`` each owner's end."""
+def _split(owners: list, indices: torch.Tensor, values: torch.Tensor, ends: torch.Tensor):
+    """(owner, its indices counted from its own start, their values) for every owner of a
+    range of the flat index; ``indices`` sorted, ``ends`` each owner's end."""
     if len(owners) == 1:
-        return [(owners[0], indices, *values)]
+        return [(owners[0], indices, values)]
     cuts = [0, *torch.searchsorted(indices, ends).tolist()]
     starts = [0, *ends[:-1].tolist()]
-    return [(owner, indices[a:b] - start, *(v[a:b] for v in values))
-            for owner, start, a, b in zip(owners, starts, cuts, cuts[1:])]
+    return [(owner, indices[a:b] - start, values[a:b]) for owner, start, a, b in zip(owners, starts, cuts, cuts[1:])]
