@@ -11,6 +11,7 @@ import torch
 
 from cim_hil.board import open_board
 from cim_hil.errors import CimHilError
+from cim_hil.nn.plan_command import add_parser as add_plan_parser
 from cim_hil.tile import Capability
 
 EXIT_USER_ERROR = 2
@@ -64,6 +65,9 @@ def _train(args: argparse.Namespace) -> None:
         "seed": args.seed,
         "train_limit": args.train_limit,
         "test_limit": args.test_limit,
+        "pack": args.pack,
+        "host_layers": None if args.host_layers is None else (
+            "auto" if args.host_layers == "auto" else [name for name in args.host_layers.split(",") if name]),
     }
     config = validate(TrainConfig, {**base, **{k: v for k, v in flags.items() if v is not None}})
     data = load_mnist(args.data_dir, download_missing=args.download, seed=config.seed)
@@ -74,6 +78,8 @@ def _train(args: argparse.Namespace) -> None:
         print(f"resuming {args.out} after epoch {trainer.epoch}", file=sys.stderr)
     else:
         trainer = Trainer(config, data, args.out, progress)
+    if trainer.placement is not None:
+        print(f"placement: {trainer.placement.summary()} (in {args.out}/placement.json)", file=sys.stderr)
     history = trainer.fit(args.epochs)
     summary = {"out": str(args.out), "epochs": trainer.epoch, **(history[-1] if history else {})}
     if trainer.board is not None:
@@ -185,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--train-limit", type=int, help="use only the first N training digits")
     train.add_argument("--test-limit", type=int, help="use only the first N test digits")
+    train.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                       help="pack small blocks side by side on tiles (default: only when needed to fit the board)")
+    train.add_argument("--host-layers", help="comma-separated layers to keep on the host (see cim-hil plan), or "
+                       "'auto': the largest until the rest fits the board")
     train.add_argument("--config", help="TOML/JSON file with TrainConfig fields (flags override it)")
     train.add_argument("--data-dir", help="directory with the MNIST IDX files (default: offline data)")
     train.add_argument("--download", action="store_true", help="download the IDX files into --data-dir")
@@ -192,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(run=_train)
+
+    add_plan_parser(commands)
 
     calibrate = commands.add_parser("calibrate", help="symmetry point, zero-shift or characterisation of a tile")
     calibrate.add_argument("what", choices=["symmetry", "characterise"])
