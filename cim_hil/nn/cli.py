@@ -1,4 +1,4 @@
-"""``cim-hil plan``: where a model's layers would sit on a board's tiles, as a table and a picture."""
+"""``cim-hil plan``, beside the planner it drives: where a model's layers would sit on a board's tiles, as a table and a picture."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cim_hil.nn.placement import fitting_host_layers, plan_placement, plot_place
 MODELS = {"lenet5": "cim_hil.training.lenet:lenet5"}
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction) -> None:
     plan = commands.add_parser("plan", help="place a model's layers on a board's tiles; print it, save a picture")
     plan.add_argument("--board", help="board URL whose tiles to plan for (default: as many 64x64 tiles as needed)")
     plan.add_argument("--model", default="lenet5", choices=sorted(MODELS))
