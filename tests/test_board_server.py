@@ -18,7 +18,7 @@ from cim_hil.board import open_board
 from cim_hil.cli import main
 from cim_hil.config import LinkConfig
 from drivers.link import BoardRefused
-from drivers.virtual_board import VirtualBoard
+from drivers.simulators.virtual_board import VirtualBoard
 from firmware_protocol import messages as m
 from firmware_protocol.framing import Frame, FrameDecoder, encode_frame
 
