@@ -7,7 +7,7 @@ the board's INFO. ``config`` may be a :class:`~cim_hil.config.LinkConfig` (baud 
 retries).
 
 Conversions mirror the board's converters exactly (SPEC.md §4.2-4.3): inputs go out as the DAC
-codes of the emulator's own DAC (``cim_hil.emulator.periphery.input_codes``), outputs come back
+codes of the emulator's own DAC (``cim_hil.codes.input_codes``), outputs come back
 as ADC codes times the LSB the board reported, so a virtual board gives bit-for-bit the
 in-process emulator's numbers.
 """
@@ -22,7 +22,7 @@ import torch
 
 from cim_hil.board import Board
 from cim_hil.config import LinkConfig
-from cim_hil.emulator.periphery import input_codes
+from cim_hil.codes import input_codes
 from cim_hil.errors import BoardError, ConfigError, UnsafeValueError
 from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
 from drivers.link import BoardRefused, Link
