@@ -128,14 +128,14 @@ def open_board(url: str = "emulator:", config: Any = None) -> Board:
     ``config`` may be an :class:`~cim_hil.config.EmulatorConfig` to start from. What ``config``
     is for another scheme is that driver's to say (a ``LinkConfig`` for a serial board).
     """
-    return _opener(scheme_of(url))(url, config)
+    return _opener(url, scheme_of(url))(url, config)
 
 
-def _opener(scheme: str) -> Opener:
+def _opener(url: str, scheme: str) -> Opener:
     targets = {point.value: point for point in entry_points(group=ENTRY_POINT_GROUP, name=scheme)}
     if not targets:
         known = ", ".join(known_schemes()) or "none (is cim-hil installed? pip install -e .)"
-        raise BoardError(f"no driver for board URL scheme {scheme!r}; known schemes: {known}")
+        raise BoardError(f"no driver for board URL {url!r} (scheme {scheme!r}); known schemes: {known}")
     if len(targets) > 1:
         raise BoardError(f"board URL scheme {scheme!r} is claimed by several drivers: {', '.join(sorted(targets))}")
     (point,) = targets.values()
