@@ -63,6 +63,23 @@ class BoardFirmware:
         if max(spec.rows, spec.cols) > 0xFFFF or spec.max_pulses_per_call > 0x7FFF:
             raise ConfigError("tile size or max_pulses_per_call too large for the firmware protocol's 16-bit fields")
 
+    # ---- sessions -----------------------------------------------------------------------------
+    def new_session(self) -> None:
+        """Forget everything the last host left half-done: a partial frame or message, a reply
+        not fetched yet, and the kept answer (a new host's seq could repeat the old host's)."""
+        self._decoder = FrameDecoder()
+        self._reassembler = m.Reassembler()
+        self._last = None
+        self._pending, self._pending_type = [], 0
+
+    @staticmethod
+    def busy_answer(frame: Frame) -> bytes | None:
+        """The answer to a request from a host that must wait: ERROR BUSY with its seq."""
+        if frame.type & 0x80:
+            return None
+        text = "the board is serving another host; retry when it has disconnected"
+        return encode_frame(BoardFirmware._error_frame(frame, m.ErrorCode.BUSY, text))
+
     # ---- frames -------------------------------------------------------------------------------
     def receive(self, data: bytes) -> list[bytes]:
         """Feed bytes from the line; returns the encoded answers to send, in order."""
