@@ -21,8 +21,8 @@ from cim_hil.board import open_board
 from cim_hil.config import LinkConfig
 from cim_hil.emulator.board import build_emulator
 from cim_hil.errors import UnsafeValueError
-from drivers.firmware import BoardFirmware
-from drivers.virtual_board import VirtualBoard
+from drivers.simulators.firmware import BoardFirmware
+from drivers.simulators.virtual_board import VirtualBoard
 from firmware_protocol import messages as m
 from firmware_protocol.framing import FLAG_MORE, MAX_PAYLOAD, VERSION, Frame, FrameDecoder, decode_frame, encode_frame
 

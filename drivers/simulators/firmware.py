@@ -73,7 +73,7 @@ class BoardFirmware:
     def new_session(self) -> None:
         """Forget everything the last host left half-done: a partial frame or message, a reply
         not fetched yet, and the kept answer (a new host's seq could repeat the old host's)."""
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(speaks=None)
         self._reassembler = m.Reassembler()
         self._last = None
         self._pending, self._pending_type = [], 0
