@@ -3,12 +3,13 @@
 from calibration.characterise import CharacterisationConfig, characterise, emulator_config_from_fit, fit_soft_bounds
 from calibration.results import CalibrationResult
 from calibration.symmetry import SymmetrySearchConfig, find_symmetry_points
-from calibration.zero_shift import zero_shift
+from calibration.zero_shift import calibrate_references, zero_shift
 
 __all__ = [
     "CalibrationResult",
     "CharacterisationConfig",
     "SymmetrySearchConfig",
+    "calibrate_references",
     "characterise",
     "emulator_config_from_fit",
     "find_symmetry_points",

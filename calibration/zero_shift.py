@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from calibration.results import CalibrationResult, ResultMetadata
+from calibration.symmetry import SymmetrySearchConfig, find_symmetry_points
 from cim_hil.errors import CapabilityError
 from cim_hil.tile import Capability, Tile, averaged_read
 
@@ -44,3 +45,12 @@ def zero_shift(tile: Tile, symmetry: CalibrationResult, reads: int = 8, tile_ind
         "reference_us": programmed.reached_us.cpu().numpy(),
         "failed": failed.numpy(),
     })
+
+
+def calibrate_references(tile: Tile, config: SymmetrySearchConfig | None = None, progress: bool = False,
+                         tile_index: int = 0, board_info: dict | None = None) -> CalibrationResult:
+    """Zero-shift a tile from scratch: find every device's symmetry point, then program each
+    reference there. Leaves the devices at their symmetry points, so W = G - G_ref starts near
+    zero everywhere (what TTv2's fast array A needs). Returns the zero-shift result."""
+    found = find_symmetry_points(tile, config, progress=progress, tile_index=tile_index, board_info=board_info)
+    return zero_shift(tile, found, tile_index=tile_index, board_info=board_info)

@@ -27,11 +27,18 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+def _calibrate_references(tile):
+    """Zero-shift one tile for training (imported when used: building the parser loads no torch)."""
+    from calibration import calibrate_references
+
+    return calibrate_references(tile)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cim-hil", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     cim_hil.demo.register(commands)
-    cim_hil.training.cli.register(commands)
+    cim_hil.training.cli.register(commands, calibrate=_calibrate_references)
     cim_hil.nn.cli.register(commands)
     calibration.cli.register(commands)
 

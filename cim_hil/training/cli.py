@@ -7,7 +7,9 @@ import json
 import sys
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction, calibrate=None) -> None:
+    """``calibrate``: zero-shifts one tile, for the algorithms and mappings that need it (the
+    top layer hands in the calibration package's)."""
     train = commands.add_parser("train", help="train LeNet-5 on MNIST on the emulator (or a board)")
     train.add_argument("--board", help="board URL (default: the emulator with as many tiles as LeNet needs)")
     train.add_argument("--float", dest="float_baseline", action="store_true", help="float32 baseline on the host")
@@ -15,6 +17,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float)
     train.add_argument("--rule", choices=["sgd", "adam"])
+    train.add_argument("--algorithm", choices=["mp", "mp-no-accumulation", "sgd", "ttv2", "c-ttv2", "agad"],
+                       help="mixed precision (default), without accumulation, or training on the devices: analog "
+                       "SGD by pulses, Tiki-Taka v2, chopped TTv2, AGAD")
     train.add_argument("--seed", type=int)
     train.add_argument("--train-limit", type=int, help="use only the first N training digits")
     train.add_argument("--test-limit", type=int, help="use only the first N test digits")
@@ -28,7 +33,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", default="runs/lenet", help="run directory: metrics, curves, checkpoint")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.set_defaults(run=run_train)
+    train.set_defaults(run=run_train, calibrate=calibrate)
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -45,6 +50,7 @@ def run_train(args: argparse.Namespace) -> None:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "rule": args.rule,
+        "algorithm": args.algorithm,
         "seed": args.seed,
         "train_limit": args.train_limit,
         "test_limit": args.test_limit,
@@ -57,10 +63,10 @@ def run_train(args: argparse.Namespace) -> None:
     print(f"data: {data.source}", file=sys.stderr)
     progress = not args.no_progress
     if args.resume:
-        trainer = Trainer.resume(args.out, data, progress)
+        trainer = Trainer.resume(args.out, data, progress, args.calibrate)
         print(f"resuming {args.out} after epoch {trainer.epoch}", file=sys.stderr)
     else:
-        trainer = Trainer(config, data, args.out, progress)
+        trainer = Trainer(config, data, args.out, progress, args.calibrate)
     if trainer.placement is not None:
         print(f"placement: {trainer.placement.summary()} (in {args.out}/placement.json)", file=sys.stderr)
     history = trainer.fit(args.epochs)

@@ -17,17 +17,18 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from cim_hil.board import Board, open_board
 from cim_hil.config import EmulatorConfig, SoCConfig, _Strict, validate
-from cim_hil.errors import BoardError, CimHilError
+from cim_hil.errors import BoardError, CimHilError, ConfigError
 from cim_hil.nn import MappingConfig, analog_layers, convert_to_analog
 from cim_hil.nn.placement import Placement, plan_for_board, plan_placement
 from cim_hil.training.lenet import lenet5
 from cim_hil.training.mnist import MNIST
-from cim_hil.training.optimizer import MixedPrecisionOptimizer
+from cim_hil.training.algorithms.build import Calibrate, build_optimizer
+from cim_hil.training.algorithms.config import MIXED_PRECISION, TRANSFER, Algorithm, AlgorithmConfig
 from cim_hil.training.plots import plot_training_curves
 
 CHECKPOINT = "checkpoint.pt"
@@ -60,25 +61,44 @@ class TrainConfig(_Strict):
     mapping: MappingConfig = Field(
         MappingConfig(differential=True),
         description="differential by default: each weight on a device and its reference device, 31 levels instead "
-        "of 16 (within a point of float32 on LeNet); boards without reference devices need differential = false",
+        "of 16 (within a point of float32 on LeNet); boards without reference devices need differential = false; "
+        "the on-device algorithms default to open-loop pulses",
     )
+    algorithm: Algorithm = Field("mp", description="mp, mp-no-accumulation (write-verify); sgd, ttv2, c-ttv2, agad "
+                                 "(pulses on the devices)")
+    algorithm_options: AlgorithmConfig = Field(AlgorithmConfig(), description="hyper-parameters of sgd and the "
+                                               "transfer algorithms")
+
+    @model_validator(mode="after")
+    def _pulses_for_on_device_algorithms(self) -> "TrainConfig":
+        if self.algorithm in MIXED_PRECISION or self.mapping.programming == "pulses":
+            return self
+        if self.mapping == MappingConfig(differential=True):  # the default: these algorithms need pulses
+            object.__setattr__(self, "mapping", MappingConfig(programming="pulses"))
+            return self
+        raise ValueError(f"algorithm {self.algorithm} programs by pulses: set mapping.programming = 'pulses'")
 
 
 def open_board_for(model: torch.nn.Module, url: str, pack: bool | None = None,
-                   host_layers: list[str] | str = ()) -> Board:
+                   host_layers: list[str] | str = (), copies: int = 1) -> Board:
     """Open ``url``; a bare emulator URL gets exactly the tiles the model needs (packed if
-    ``pack``; with ``host_layers`` other than ``"auto"`` kept on the host)."""
+    ``pack``; with ``host_layers`` other than ``"auto"`` kept on the host), ``copies`` times
+    (2: a fast array A beside every tile of C)."""
     bare_emulator = url == "emulator:" or url.startswith("emulator:?")
     if bare_emulator and "tiles=" not in url:
         default = EmulatorConfig()
         host = () if host_layers == "auto" else tuple(host_layers)
         needed = plan_placement(model, default.soc.rows, default.soc.cols, bool(pack), host).tiles_used
-        return open_board(url, EmulatorConfig(soc=SoCConfig(tiles=needed)))
+        return open_board(url, EmulatorConfig(soc=SoCConfig(tiles=copies * needed)))
     return open_board(url)
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, data: MNIST, out_dir: str | Path, progress: bool = True) -> None:
+    """``calibrate`` zero-shifts one tile (``calibration.calibrate_references``): what TTv2 and
+    c-TTv2 need for A, and ``mapping.reference = "calibrated"`` for the model's tiles."""
+
+    def __init__(self, config: TrainConfig, data: MNIST, out_dir: str | Path, progress: bool = True,
+                 calibrate: Calibrate | None = None) -> None:
         self.config = config
         self.data = MNIST(data.train.head(config.train_limit), data.test.head(config.test_limit), data.source)
         self.out_dir = Path(out_dir)
@@ -93,14 +113,22 @@ class Trainer:
             optimizer_type = torch.optim.Adam if config.rule == "adam" else torch.optim.SGD
             self.optimizer = optimizer_type(model.parameters(), lr=config.lr)
         else:
-            self.board = open_board_for(model, config.board, config.pack, config.host_layers)
+            copies = 2 if config.algorithm in TRANSFER else 1
+            self.board = open_board_for(model, config.board, config.pack, config.host_layers, copies)
             try:
                 self.placement = plan_for_board(model, self.board, config.pack, config.host_layers)
+                if config.mapping.reference == "calibrated":
+                    if calibrate is None:
+                        raise ConfigError("mapping.reference = 'calibrated' needs a calibrate function "
+                                          "(calibration.calibrate_references)")
+                    for tile in self.board.tiles[: self.placement.tiles_used]:
+                        calibrate(tile)
                 self.model = convert_to_analog(model, self.board, config.mapping, self.placement)
+                self.optimizer = build_optimizer(config.algorithm, self.model, self.board, config.lr, config.rule,
+                                                 config.algorithm_options, config.seed, calibrate)
             except BaseException:
                 self.board.close()
                 raise
-            self.optimizer = MixedPrecisionOptimizer(self.model, lr=config.lr, rule=config.rule)
         self.epoch = 0
         self.history: list[dict] = []
 
@@ -144,7 +172,7 @@ class Trainer:
             self.optimizer.step()
             loss_sum += loss.item() * len(chosen)
             correct += int((logits.argmax(1) == labels).sum())
-            if isinstance(self.optimizer, MixedPrecisionOptimizer):
+            if self.board is not None:
                 programmed += self.optimizer.last_step["devices_programmed"]
             bar.set_postfix(loss=f"{loss.item():.3f}")
         row = {
@@ -198,7 +226,11 @@ class Trainer:
         return path
 
     @classmethod
-    def resume(cls, out_dir: str | Path, data: MNIST, progress: bool = True) -> "Trainer":
+    def resume(cls, out_dir: str | Path, data: MNIST, progress: bool = True,
+               calibrate: Calibrate | None = None) -> "Trainer":
+        """The run in ``out_dir`` from its checkpoint; ``calibrate`` as for a new run, used only
+        on hardware whose state the checkpoint does not hold (an emulator's state comes back
+        whole, calibrated references with it)."""
         path = Path(out_dir) / CHECKPOINT
         if not path.is_file():
             raise CimHilError(f"no checkpoint to resume from at {path}")
@@ -209,7 +241,9 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CimHilError(f"checkpoint {path} was written by another version of cim-hil (format "
                               f"{state.get('format', 1)}, this one reads {CHECKPOINT_FORMAT}); start a new run")
-        trainer = cls(validate(TrainConfig, state["config"]), data, out_dir, progress)
+        restored = state["board"] is not None
+        trainer = cls(validate(TrainConfig, state["config"]), data, out_dir, progress,
+                      (lambda tile: None) if restored else calibrate)
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         if trainer.board is not None:
