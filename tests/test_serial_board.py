@@ -169,10 +169,10 @@ def test_a_board_that_stops_answering_mid_transfer_is_named():
 
 
 def test_protocol_version_mismatch_is_refused_clearly():
-    board = VirtualBoard(SMALL, protocol_version=1)  # a board with the previous firmware
+    board = VirtualBoard(SMALL, protocol_version=2)  # a board with the previous firmware
     url = board.open_pty()
     board.start()
-    with pytest.raises(BoardError, match="speaks protocol version 1.*this host speaks protocol version 2"):
+    with pytest.raises(BoardError, match="speaks protocol version 2.*this host speaks protocol version 3"):
         open_board(url, QUICK)
     board.stop()
 

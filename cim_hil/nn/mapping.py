@@ -12,11 +12,12 @@ trainer can account for it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
+from cim_hil.emulator.periphery import input_codes
 from cim_hil.errors import CapabilityError, ConfigError
+from cim_hil.layer_products import Convolution, LayerCut, layer_products
 from cim_hil.nn.config import MappingConfig
 from cim_hil.tile import Capability, Tile, averaged_read, products_together, program_devices, program_together, require_finite
 
@@ -76,6 +77,7 @@ class TileMapping:
         self.in_features, self.out_features = in_features, out_features
         self.row_blocks = math.ceil(in_features / spec.rows)
         self.col_blocks = math.ceil(out_features / spec.cols)
+        self.cut = LayerCut(in_features, out_features, self.row_blocks, self.col_blocks)
         assert len(tiles) == self.row_blocks * self.col_blocks
         self.tiles = tiles
         self._check_capabilities()
@@ -94,7 +96,8 @@ class TileMapping:
         else:
             self.granularity = (config.pulse_step_us or self.spacing) * self.scale
         self.device_index = self._device_index()
-        self._directions = (self._direction(transpose=False), self._direction(transpose=True))
+        self._transposed_outputs = [width for width in self._block_widths(in_features, spec.rows, self.row_blocks)
+                                    for _ in range(self.col_blocks)]
 
     def _check_capabilities(self) -> None:
         spec, config = self.spec, self.config
@@ -143,15 +146,6 @@ class TileMapping:
     def _block_widths(self, size: int, block: int, count: int) -> list[int]:
         return [min(block, size - index * block) for index in range(count)]
 
-    def _direction(self, transpose: bool) -> _Direction:
-        if transpose:  # inputs split by column block, outputs by row block; sum over columns
-            kept = self.row_blocks
-            outputs = [w for w in self._block_widths(self.in_features, self.spec.rows, kept) for _ in range(self.col_blocks)]
-            return _Direction(self.col_blocks, self.spec.cols, 1, kept, outputs, self.in_features)
-        kept = self.col_blocks
-        outputs = self._block_widths(self.out_features, self.spec.cols, kept) * self.row_blocks
-        return _Direction(self.row_blocks, self.spec.rows, 0, kept, outputs, self.out_features)
-
     # ---- weights <-> levels ---------------------------------------------------------------
     def levels_for(self, weights: torch.Tensor) -> torch.Tensor:
         """Nearest weight level (relative to the reference) of each weight, within range."""
@@ -169,8 +163,7 @@ class TileMapping:
         return torch.stack([levels + self.ref_level, torch.full_like(levels, self.ref_level)])
 
     def _conductance(self, device_levels: torch.Tensor) -> torch.Tensor:
-        conductance = (device_levels * self.spacing).add_(self.spec.g_min_us)
-        return conductance.clamp_(self.spec.g_min_us, self.spec.g_max_us)  # float rounding at the top
+        return self.spec.level_conductance(device_levels)
 
     def _level_of(self, conductance: torch.Tensor) -> torch.Tensor:
         top = self.spec.levels - 1
@@ -213,58 +206,58 @@ class TileMapping:
         return (targets - reference) * self.scale
 
     # ---- products -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, peak: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x (N, in_features) -> x @ W.T + bias (N, out_features), the products run on the tiles.
-        ``peak`` (N, 1), the largest |x| of each sample, is computed here unless given; the
-        digital ``bias`` (out_features,) is added on the host in the same pass as the scaling."""
-        return self._products(x, False, peak, bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, in_features) -> x @ W.T + bias (N, out_features), the products run on the tiles
+        as one layer call; the digital ``bias`` (out_features,) is added on the host in the same
+        pass as the scaling."""
+        codes, peak = self._input_codes(x.detach(), x.shape[1:].numel())
+        return self._scaled(layer_products(self.tiles, self.cut, codes), peak, bias).to(x.device, x.dtype)
 
-    def backward(self, d: torch.Tensor) -> torch.Tensor:
-        """d (N, out_features) -> d @ W (N, in_features) with transpose products on the tiles."""
-        return self._products(d, True, None, None)
+    def forward_images(self, x: torch.Tensor, convolution: Convolution, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A convolution of images x (N, C, H, W): (N * out_h * out_w, out_features), one row
+        per patch, image after image. Each image is scaled to the DAC's range as a whole and
+        sent as codes; the board (or, for a board that cannot, the host) cuts the patches."""
+        codes, peak = self._input_codes(x.detach(), x.shape[1:].numel())
+        positions = convolution.out_size[0] * convolution.out_size[1]
+        currents = layer_products(self.tiles, self.cut, codes, convolution)
+        return self._scaled(currents, peak.repeat_interleave(positions, 0), bias).to(x.device, x.dtype)
 
-    def _products(
-        self, x: torch.Tensor, transpose: bool, peak: torch.Tensor | None, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """All tiles at once: each gets its block of the inputs, and the partial products of the
-        blocks along the summed dimension are added on the host."""
-        # Scale each sample to the DAC's full range, as the host driver of the chip does.
-        x = x.detach()
-        peak = (x.abs().amax(dim=1, keepdim=True) if peak is None else peak).clamp_min(1e-12)
+    def _input_codes(self, x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample of ``x`` scaled to the DAC's full range, as the host driver of the chip
+        does, as codes; and each sample's peak (N, 1), which scales its outputs back."""
+        peak = x.abs().reshape(len(x), width).amax(dim=1, keepdim=True).clamp_min(1e-12)
         # A NaN or infinity anywhere in a sample shows in its peak (amax propagates NaN).
         require_finite(peak, "the layer's inputs contain")
-        n, width = x.shape
-        way = self._directions[transpose]
-        driven = min(way.block, width)  # the widest input block
-        if way.blocks * driven > width:  # the last block is driven in part: its other inputs get zeros
-            normalised = x.new_zeros(n, way.blocks * driven)
-            torch.div(x, peak, out=normalised[:, :width])
-        else:
-            normalised = x / peak
-        inputs = normalised.cpu().view(n, way.blocks, driven).transpose(0, 1)  # (blocks, n, driven)
-        if way.kept > 1:  # tile (r, c) takes block c (transposed) or r
-            grid = inputs.unsqueeze(0) if transpose else inputs.unsqueeze(1)
-            inputs = grid.expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
-        currents = products_together(self.tiles, inputs, way.outputs, transpose, normalised=True).cpu()
-        # (n, kept, summed, width): summing the blocks writes the kept ones side by side, no copy.
-        grid = currents.view(self.row_blocks, self.col_blocks, n, -1).permute(2, 1 - way.summed, way.summed, 3)
-        out = (grid.sum(2) if way.blocks > 1 else grid[:, :, 0]).reshape(n, -1)[:, : way.features]
+        scale = peak.view(-1, *([1] * (x.ndim - 1)))
+        return input_codes(x.cpu() / scale.cpu(), self.spec.input_bits, clamp=False), peak
+
+    def _scaled(self, currents: torch.Tensor, peak: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Output currents (uA) back in weight units, times each row's input peak, plus bias."""
         back = self.scale / self.spec.v_read  # uA per unit of normalised input -> weight units
-        peak = peak.to(out.device)
-        out = out * (peak * back) if bias is None else torch.addcmul(bias.to(out.device), out, peak, value=back)
-        return out.to(x.device, x.dtype)
+        peak = peak.to(currents.device)
+        if bias is None:
+            return currents * (peak * back)
+        return torch.addcmul(bias.to(currents.device), currents, peak, value=back)
 
-
-@dataclass(frozen=True)
-class _Direction:
-    """How a product in one direction (forward, or transposed) is cut over the grid of tiles:
-    the inputs into ``blocks`` of ``block`` values, the partial products summed over grid axis
-    ``summed``, ``kept`` blocks of outputs side by side; each tile's output count, and the
-    product's width."""
-
-    blocks: int
-    block: int
-    summed: int
-    kept: int
-    outputs: list[int]
-    features: int
+    def backward(self, d: torch.Tensor) -> torch.Tensor:
+        """d (N, out_features) -> d @ W (N, in_features) with transpose products on the tiles:
+        tile (r, c) takes block c of ``d``, and the partial products of the column blocks are
+        added on the host."""
+        d = d.detach()
+        peak = d.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)  # each sample to the DAC's full range
+        require_finite(peak, "the layer's output gradients contain")  # amax propagates NaN
+        n, width = d.shape
+        driven = min(self.spec.cols, width)  # the widest input block
+        if self.col_blocks * driven > width:  # the last block is driven in part: its other inputs get zeros
+            normalised = d.new_zeros(n, self.col_blocks * driven)
+            torch.div(d, peak, out=normalised[:, :width])
+        else:
+            normalised = d / peak
+        inputs = normalised.cpu().view(n, self.col_blocks, driven).transpose(0, 1)  # (col_blocks, n, driven)
+        if self.row_blocks > 1:
+            inputs = inputs.unsqueeze(0).expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
+        currents = products_together(self.tiles, inputs, self._transposed_outputs, True, normalised=True).cpu()
+        # (n, row_blocks, col_blocks, width): summing the column blocks writes the row blocks side by side.
+        grid = currents.view(self.row_blocks, self.col_blocks, n, -1).permute(2, 0, 1, 3)
+        out = (grid.sum(2) if self.col_blocks > 1 else grid[:, :, 0]).reshape(n, -1)[:, : self.in_features]
+        return self._scaled(out, peak, None).to(d.device, d.dtype)
