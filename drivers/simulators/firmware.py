@@ -1,7 +1,7 @@
 """The board's side of the firmware protocol, executing on emulated tiles.
 
 :class:`BoardFirmware` is what a real board's firmware does with the bytes it receives
-(../firmware_protocol/SPEC.md): frames are decoded, fragments acknowledged and reassembled, the
+(firmware_protocol/SPEC.md): frames are decoded, fragments acknowledged and reassembled, the
 whole request runs **once** on the tiles, and the answer is kept so a repeated sequence number
 is answered again without running anything twice. It knows nothing about lines or timing; the
 virtual board puts it behind a pseudo-terminal or a socket.

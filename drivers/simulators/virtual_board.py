@@ -17,8 +17,8 @@ import tty
 
 from cim_hil.config import EmulatorConfig
 from cim_hil.emulator.board import build_emulator
-from drivers.faults import FaultPlan, LineFaults
-from drivers.firmware import BoardFirmware
+from drivers.simulators.faults import FaultPlan, LineFaults
+from drivers.simulators.firmware import BoardFirmware
 from drivers.link import BITS_PER_BYTE
 from firmware_protocol.framing import VERSION
 
