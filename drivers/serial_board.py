@@ -14,6 +14,7 @@ in-process emulator's numbers.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -157,7 +158,8 @@ class SerialTile(Tile):
         for start in range(0, max(len(wire), 1), MAX_BATCH):
             request = m.LayerForward(int(in_format), int(out_format), cut.row_blocks, cut.col_blocks, cut.in_features,
                                      cut.out_features, tile_indices, geometry, wire[start : start + MAX_BATCH])
-            reply = first.link.request(request, m.LayerProducts)
+            rows = len(request.codes) * (math.prod(convolution.out_size) if convolution is not None else 1)
+            reply = first.link.request(request, m.LayerProducts, reply_size=8 + rows * cut.out_features)
             parts.append(torch.from_numpy(reply.codes.astype(np.float32)) * info.forward_lsb_ua)
         return torch.cat(parts)
 
@@ -186,7 +188,7 @@ class SerialTile(Tile):
         request = m.ProgramDevices(max_trials, tolerance_us, board_tiles[order].numpy().astype(np.uint16),
                                    arrays[order].numpy().astype(np.uint8), places[order].numpy().astype(np.uint16),
                                    wire_targets)
-        reply = first.link.request(request, m.DevicesReport)
+        reply = first.link.request(request, m.DevicesReport, reply_size=4 + 3 * len(devices) + (len(devices) + 7) // 8)
         if len(reply.reached_codes) != len(devices):
             raise BoardError(f"board on {first.link.name} reported {len(reply.reached_codes)} devices of {len(devices)}")
         reached, trials, failed = (torch.empty(len(devices), dtype=dtype) for dtype in (torch.float32, torch.int64, torch.bool))

@@ -413,10 +413,13 @@ class Reset(Message):
 
 @dataclass(frozen=True, eq=False)
 class Next(Message):
-    """Ask for the next fragment of a reply whose last fragment had MORE set."""
+    """Ask for piece ``piece`` (1, 2, ...) of the pending reply; piece 0 answered the
+    request's last fragment. Naming the piece makes NEXT safe to repeat, so a host may keep
+    several in flight (SPEC.md §8.4)."""
 
     TYPE = 0x09
-    encode, decode = _simple("")
+    piece: int
+    encode, decode = _simple("I", "piece")
 
 
 @dataclass(frozen=True, eq=False)
@@ -621,6 +624,11 @@ class LayerForward(Message):
         codes = np.asarray(self.codes)
         if codes.ndim != 2:
             raise ProtocolError("LayerForward: codes must be a 2-D array (batch, width)")
+        width = self.geometry.image_size if self.geometry is not None else self.in_features
+        if codes.shape[1] != width:
+            raise ProtocolError(f"LayerForward: each sample must have {width} codes, got {codes.shape[1]}")
+        if len(self.tiles) != self.row_blocks * self.col_blocks:
+            raise ProtocolError(f"LayerForward: {self.row_blocks}x{self.col_blocks} blocks need as many tiles, got {len(self.tiles)}")
         tiles = np.ascontiguousarray(self.tiles, dtype="<u2")
         head = _LAYER_HEAD.pack(self.in_format, self.out_format, self.row_blocks, self.col_blocks, self.in_features,
                                 self.out_features, codes.shape[0], int(self.geometry is not None))

@@ -210,7 +210,7 @@ def test_firmware_answers_a_repeated_seq_without_running_again():
     fragment = Frame(m.Program.TYPE, 10, b"\x00" * 4, FLAG_MORE)
     ack = decode_frame(firmware.answer(fragment)[1:-1])
     assert ack.type == m.Ack.TYPE and firmware.answer(fragment) == firmware.answer(fragment)
-    nothing = decode_frame(firmware.answer(Frame(m.Next.TYPE, 11))[1:-1])
+    nothing = decode_frame(firmware.answer(Frame(m.Next.TYPE, 11, m.Next(1).encode()))[1:-1])
     assert m.decode_message(nothing.type, nothing.payload).code == m.ErrorCode.NO_PENDING_REPLY
 
 

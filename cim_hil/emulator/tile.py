@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import numpy as np
 import torch
 
 from cim_hil.config import EmulatorConfig
@@ -17,6 +18,12 @@ from cim_hil.emulator.products import ProductPlan
 from cim_hil.emulator.timing import TimingModel
 from cim_hil.layer_products import Convolution, LayerCut, block_inputs, products_of_blocks, sum_row_blocks, unroll
 from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
+
+def as_float32(value: float) -> float:
+    """``value`` as the nearest binary32: what a board reports of it (INFO's fields are f32), so
+    a host computes the same levels, scales and targets from this spec as from a board's."""
+    return float(np.float32(value))
+
 
 READ_FULL_SCALE_HEADROOM = 1.25  # conductance reads convert over [0, 1.25 * g_max] (ours)
 MAX_KEPT_PLANS = 32
@@ -44,10 +51,10 @@ class EmulatedTile(Tile):
             cols=cols,
             input_bits=per.input_bits,
             output_bits=per.output_bits,
-            g_min_us=dev.g_min_us,
-            g_max_us=dev.g_max_us,
+            g_min_us=as_float32(dev.g_min_us),
+            g_max_us=as_float32(dev.g_max_us),
             levels=dev.levels,
-            v_read=per.v_read,
+            v_read=as_float32(per.v_read),
             max_pulses_per_call=config.write_verify.max_pulses_per_call,
             capabilities=frozenset(capabilities),
         )

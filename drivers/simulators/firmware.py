@@ -52,7 +52,7 @@ class BoardFirmware:
         self._decoder = FrameDecoder()
         self._reassembler = m.Reassembler()
         self._last: tuple[int, int, bytes] | None = None  # (seq, type, encoded answer) kept for repeats
-        self._pending: list[bytes] = []
+        self._pieces: list[bytes] = []  # every piece of the last reply that took more than one frame
         self._pending_type = 0
 
     @staticmethod
@@ -88,11 +88,8 @@ class BoardFirmware:
 
     def _handle(self, frame: Frame) -> Frame:
         if frame.type == m.Next.TYPE:
-            if not self._pending:
-                return self._error_frame(frame, m.ErrorCode.NO_PENDING_REPLY, "no reply is pending")
-            piece = self._pending.pop(0)
-            return Frame(self._pending_type, frame.seq, piece, FLAG_MORE if self._pending else 0)
-        self._pending = []  # any other request abandons a half-fetched reply
+            return self._next_piece(frame)
+        self._pieces = []  # any other request abandons a half-fetched reply
         if self._reassembler.assembling not in (None, frame.type):
             self._reassembler.reset()  # a new message discards the partial one (SPEC.md §2)
         try:
@@ -109,8 +106,20 @@ class BoardFirmware:
             return self._error_frame(frame, refusal.code, str(refusal))
         payload = reply.encode()
         pieces = [payload[i : i + MAX_PAYLOAD] for i in range(0, len(payload), MAX_PAYLOAD)] or [b""]
-        self._pending, self._pending_type = pieces[1:], reply.TYPE
-        return Frame(reply.TYPE, frame.seq, pieces[0], FLAG_MORE if self._pending else 0)
+        self._pieces, self._pending_type = pieces if len(pieces) > 1 else [], reply.TYPE
+        return Frame(reply.TYPE, frame.seq, pieces[0], FLAG_MORE if len(pieces) > 1 else 0)
+
+    def _next_piece(self, frame: Frame) -> Frame:
+        """Piece n of the pending reply, as often as it is asked for: nothing runs again."""
+        try:
+            piece = m.Next.decode(frame.payload).piece
+        except ProtocolError as error:
+            return self._error_frame(frame, m.ErrorCode.BAD_LENGTH, str(error))
+        if not 1 <= piece < len(self._pieces):
+            pending = f"pieces 1..{len(self._pieces) - 1} are pending" if self._pieces else "no reply is pending"
+            return self._error_frame(frame, m.ErrorCode.NO_PENDING_REPLY, f"no piece {piece}: {pending}")
+        more = FLAG_MORE if piece < len(self._pieces) - 1 else 0
+        return Frame(self._pending_type, frame.seq, self._pieces[piece], more)
 
     @staticmethod
     def _error_frame(frame: Frame, code: m.ErrorCode, text: str) -> Frame:
