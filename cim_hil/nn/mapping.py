@@ -12,18 +12,15 @@ trainer can account for it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from cim_hil.emulator.periphery import input_codes
+from cim_hil.codes import input_codes
 from cim_hil.errors import CapabilityError, ConfigError
-from cim_hil.layer_products import Convolution, LayerCut, layer_products
+from cim_hil.layer_products import Convolution, LayerCut, layer_products, unroll
 from cim_hil.nn.config import MappingConfig
 from cim_hil.tile import Capability, Tile, averaged_read, products_together, program_devices, program_together, require_finite
-
-
-def tiles_needed(in_features: int, out_features: int, rows: int, cols: int) -> int:
-    return math.ceil(in_features / rows) * math.ceil(out_features / cols)
 
 
 class LevelWrite:
@@ -68,9 +65,19 @@ class LevelWrite:
         return reached[0] - reached[1]
 
 
+Spot = tuple[int, int, int]
+"""Where a block sits: (index into the layer's tiles, row, column of its first device)."""
+
+
 class TileMapping:
+    """``tiles`` are the distinct tiles the layer uses; ``spots`` give, for each block in
+    row-major grid order, its tile and corner (default: block i alone on tile i). A block at a
+    corner other than (0, 0) runs its products on its window of the tile; ``whole_tiles``
+    says the layer's tiles hold no other layer's blocks, so their unused devices are its own."""
+
     def __init__(
-        self, in_features: int, out_features: int, tiles: list[Tile], config: MappingConfig, initial: torch.Tensor
+        self, in_features: int, out_features: int, tiles: list[Tile], config: MappingConfig, initial: torch.Tensor,
+        spots: list[Spot] | None = None, whole_tiles: bool = True,
     ) -> None:
         spec = tiles[0].spec
         self.spec, self.config = spec, config
@@ -78,8 +85,11 @@ class TileMapping:
         self.row_blocks = math.ceil(in_features / spec.rows)
         self.col_blocks = math.ceil(out_features / spec.cols)
         self.cut = LayerCut(in_features, out_features, self.row_blocks, self.col_blocks)
-        assert len(tiles) == self.row_blocks * self.col_blocks
-        self.tiles = tiles
+        self.spots = spots or [(index, 0, 0) for index in range(len(tiles))]
+        assert len(self.spots) == self.row_blocks * self.col_blocks
+        self.tiles, self.whole_tiles = tiles, whole_tiles
+        self._block_tiles = [tiles[tile] for tile, _, _ in self.spots]  # one per block, in grid order
+        self._windows = self._block_windows() if any(row or col for _, row, col in self.spots) else None
         self._check_capabilities()
         top = spec.levels - 1
         self.spacing = spec.level_spacing_us
@@ -96,8 +106,7 @@ class TileMapping:
         else:
             self.granularity = (config.pulse_step_us or self.spacing) * self.scale
         self.device_index = self._device_index()
-        self._transposed_outputs = [width for width in self._block_widths(in_features, spec.rows, self.row_blocks)
-                                    for _ in range(self.col_blocks)]
+        self._directions = (self._direction(transpose=False), self._direction(transpose=True))
 
     def _check_capabilities(self) -> None:
         spec, config = self.spec, self.config
@@ -129,8 +138,16 @@ class TileMapping:
         """Where each logical weight (out, in) sits: its flat index in the stack (tiles, rows, cols)."""
         rows, cols = self.spec.rows, self.spec.cols
         inputs, outputs = torch.arange(self.in_features), torch.arange(self.out_features).unsqueeze(1)
-        tile = inputs.div(rows, rounding_mode="floor") * self.col_blocks + outputs.div(cols, rounding_mode="floor")
-        return (tile * rows + inputs % rows) * cols + outputs % cols
+        block = inputs.div(rows, rounding_mode="floor") * self.col_blocks + outputs.div(cols, rounding_mode="floor")
+        tile, row, col = (torch.tensor(values)[block] for values in zip(*self.spots))
+        return (tile * rows + row + inputs % rows) * cols + col + outputs % cols
+
+    def _block_windows(self) -> list[tuple[int, int, int, int]]:
+        """Each block's window (row_start, row_stop, col_start, col_stop) on its tile, in grid order."""
+        heights = self._block_widths(self.in_features, self.spec.rows, self.row_blocks)
+        widths = self._block_widths(self.out_features, self.spec.cols, self.col_blocks)
+        return [(row, row + heights[index // self.col_blocks], col, col + widths[index % self.col_blocks])
+                for index, (_, row, col) in enumerate(self.spots)]
 
     def _to_tiles(self, logical: torch.Tensor, fill) -> torch.Tensor:
         """A logical (out, in) matrix as the stack (tiles, rows, cols) the tiles hold, padded with ``fill``."""
@@ -145,6 +162,15 @@ class TileMapping:
 
     def _block_widths(self, size: int, block: int, count: int) -> list[int]:
         return [min(block, size - index * block) for index in range(count)]
+
+    def _direction(self, transpose: bool) -> _Direction:
+        if transpose:  # inputs split by column block, outputs by row block; sum over columns
+            kept = self.row_blocks
+            outputs = [w for w in self._block_widths(self.in_features, self.spec.rows, kept) for _ in range(self.col_blocks)]
+            return _Direction(self.col_blocks, self.spec.cols, 1, kept, outputs, self.in_features)
+        kept = self.col_blocks
+        outputs = self._block_widths(self.out_features, self.spec.cols, kept) * self.row_blocks
+        return _Direction(self.row_blocks, self.spec.rows, 0, kept, outputs, self.out_features)
 
     # ---- weights <-> levels ---------------------------------------------------------------
     def levels_for(self, weights: torch.Tensor) -> torch.Tensor:
@@ -199,7 +225,8 @@ class TileMapping:
             reference = torch.full_like(weights, middle)
             if self.spec.supports(Capability.REFERENCE):
                 everywhere = torch.full((len(self.tiles), self.spec.rows, self.spec.cols), middle)
-                program_together(self.tiles, everywhere, reference=True)
+                mine = None if self.whole_tiles else self._to_tiles(torch.ones_like(weights, dtype=torch.bool), False)
+                program_together(self.tiles, everywhere, mine, reference=True)
         targets = (reference + weights / self.scale).clamp(self.spec.g_min_us, self.spec.g_max_us)
         used = self._to_tiles(torch.ones_like(targets, dtype=torch.bool), False)
         program_together(self.tiles, self._to_tiles(targets, self.spec.g_min_us), used)
@@ -208,24 +235,28 @@ class TileMapping:
     # ---- products -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, in_features) -> x @ W.T + bias (N, out_features), the products run on the tiles
-        as one layer call; the digital ``bias`` (out_features,) is added on the host in the same
-        pass as the scaling."""
-        codes, peak = self._input_codes(x.detach(), x.shape[1:].numel())
-        return self._scaled(layer_products(self.tiles, self.cut, codes), peak, bias).to(x.device, x.dtype)
+        as one layer call (blocks packed into windows of shared tiles: one product per block);
+        the digital ``bias`` (out_features,) is added on the host in the same pass as the scaling."""
+        if self._windows is not None:
+            return self._products(x, False, None, bias)
+        codes, peak = self._input_codes(x.detach())
+        return self._scaled(layer_products(self._block_tiles, self.cut, codes), peak, bias).to(x.device, x.dtype)
 
     def forward_images(self, x: torch.Tensor, convolution: Convolution, bias: torch.Tensor | None = None) -> torch.Tensor:
         """A convolution of images x (N, C, H, W): (N * out_h * out_w, out_features), one row
         per patch, image after image. Each image is scaled to the DAC's range as a whole and
         sent as codes; the board (or, for a board that cannot, the host) cuts the patches."""
-        codes, peak = self._input_codes(x.detach(), x.shape[1:].numel())
-        positions = convolution.out_size[0] * convolution.out_size[1]
-        currents = layer_products(self.tiles, self.cut, codes, convolution)
-        return self._scaled(currents, peak.repeat_interleave(positions, 0), bias).to(x.device, x.dtype)
+        codes, peak = self._input_codes(x.detach())
+        peaks = peak.repeat_interleave(convolution.out_size[0] * convolution.out_size[1], 0)
+        if self._windows is not None:  # blocks packed into windows: the patches are cut here, one product per block
+            return self._products(unroll(x.detach(), convolution, self.row_blocks == 1), False, peaks, bias)
+        currents = layer_products(self._block_tiles, self.cut, codes, convolution)
+        return self._scaled(currents, peaks, bias).to(x.device, x.dtype)
 
-    def _input_codes(self, x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample of ``x`` scaled to the DAC's full range, as the host driver of the chip
         does, as codes; and each sample's peak (N, 1), which scales its outputs back."""
-        peak = x.abs().reshape(len(x), width).amax(dim=1, keepdim=True).clamp_min(1e-12)
+        peak = x.abs().reshape(len(x), -1).amax(dim=1, keepdim=True).clamp_min(1e-12)
         # A NaN or infinity anywhere in a sample shows in its peak (amax propagates NaN).
         require_finite(peak, "the layer's inputs contain")
         scale = peak.view(-1, *([1] * (x.ndim - 1)))
@@ -240,24 +271,52 @@ class TileMapping:
         return torch.addcmul(bias.to(currents.device), currents, peak, value=back)
 
     def backward(self, d: torch.Tensor) -> torch.Tensor:
-        """d (N, out_features) -> d @ W (N, in_features) with transpose products on the tiles:
-        tile (r, c) takes block c of ``d``, and the partial products of the column blocks are
-        added on the host."""
-        d = d.detach()
-        peak = d.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)  # each sample to the DAC's full range
-        require_finite(peak, "the layer's output gradients contain")  # amax propagates NaN
-        n, width = d.shape
-        driven = min(self.spec.cols, width)  # the widest input block
-        if self.col_blocks * driven > width:  # the last block is driven in part: its other inputs get zeros
-            normalised = d.new_zeros(n, self.col_blocks * driven)
-            torch.div(d, peak, out=normalised[:, :width])
+        """d (N, out_features) -> d @ W (N, in_features) with transpose products on the tiles."""
+        return self._products(d, True, None, None)
+
+    def _products(
+        self, x: torch.Tensor, transpose: bool, peak: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """All tiles at once: each gets its block of the inputs, and the partial products of the
+        blocks along the summed dimension are added on the host."""
+        # Scale each sample to the DAC's full range, as the host driver of the chip does.
+        x = x.detach()
+        peak = (x.abs().amax(dim=1, keepdim=True) if peak is None else peak).clamp_min(1e-12)
+        # A NaN or infinity anywhere in a sample shows in its peak (amax propagates NaN).
+        require_finite(peak, "the layer's inputs contain")
+        n, width = x.shape
+        way = self._directions[transpose]
+        driven = min(way.block, width)  # the widest input block
+        if way.blocks * driven > width:  # the last block is driven in part: its other inputs get zeros
+            normalised = x.new_zeros(n, way.blocks * driven)
+            torch.div(x, peak, out=normalised[:, :width])
         else:
-            normalised = d / peak
-        inputs = normalised.cpu().view(n, self.col_blocks, driven).transpose(0, 1)  # (col_blocks, n, driven)
-        if self.row_blocks > 1:
-            inputs = inputs.unsqueeze(0).expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
-        currents = products_together(self.tiles, inputs, self._transposed_outputs, True, normalised=True).cpu()
-        # (n, row_blocks, col_blocks, width): summing the column blocks writes the row blocks side by side.
-        grid = currents.view(self.row_blocks, self.col_blocks, n, -1).permute(2, 0, 1, 3)
-        out = (grid.sum(2) if self.col_blocks > 1 else grid[:, :, 0]).reshape(n, -1)[:, : self.in_features]
-        return self._scaled(out, peak, None).to(d.device, d.dtype)
+            normalised = x / peak
+        inputs = normalised.cpu().view(n, way.blocks, driven).transpose(0, 1)  # (blocks, n, driven)
+        if way.kept > 1:  # tile (r, c) takes block c (transposed) or r
+            grid = inputs.unsqueeze(0) if transpose else inputs.unsqueeze(1)
+            inputs = grid.expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
+        currents = products_together(self._block_tiles, inputs, way.outputs, transpose, normalised=True,
+                                     windows=self._windows).cpu()
+        # (n, kept, summed, width): summing the blocks writes the kept ones side by side, no copy.
+        grid = currents.view(self.row_blocks, self.col_blocks, n, -1).permute(2, 1 - way.summed, way.summed, 3)
+        out = (grid.sum(2) if way.blocks > 1 else grid[:, :, 0]).reshape(n, -1)[:, : way.features]
+        back = self.scale / self.spec.v_read  # uA per unit of normalised input -> weight units
+        peak = peak.to(out.device)
+        out = out * (peak * back) if bias is None else torch.addcmul(bias.to(out.device), out, peak, value=back)
+        return out.to(x.device, x.dtype)
+
+
+@dataclass(frozen=True)
+class _Direction:
+    """How a product in one direction (forward, or transposed) is cut over the grid of tiles:
+    the inputs into ``blocks`` of ``block`` values, the partial products summed over grid axis
+    ``summed``, ``kept`` blocks of outputs side by side; each tile's output count, and the
+    product's width."""
+
+    blocks: int
+    block: int
+    summed: int
+    kept: int
+    outputs: list[int]
+    features: int
