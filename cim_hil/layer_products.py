@@ -14,6 +14,7 @@ the same :func:`unroll`, so host-cut and board-cut patches give the same numbers
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,11 @@ import torch.nn.functional as F
 
 from cim_hil.errors import ShapeError, UnsafeValueError
 from cim_hil.tile import Capability, Tile, _together, products_together
+
+# A layer call runs in parts of at most this many codes each way, so that on a board each
+# part's request and reply fit one message (firmware_protocol/SPEC.md §2: 1 MiB, and three
+# bytes a code at worst). Every backend cuts the same parts, so their numbers agree.
+CODES_PER_CALL = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,7 @@ def layer_products(
     output positions.
 
     ``codes`` are the DAC's signed input codes (whole numbers within +-(2^(input_bits-1) - 1)).
+    A batch larger than CODES_PER_CALL allows runs as several calls of whole samples.
     """
     kind = _together(tiles, Capability.ANALOG_PRODUCTS)
     spec = tiles[0].spec
@@ -169,7 +176,13 @@ def layer_products(
     # A backend that runs a whole layer itself defines ``_layer_products``, as it does
     # ``_products_together``; tiles of mixed kinds (``kind`` is Tile) get the plain version.
     run = getattr(kind, "_layer_products", None) or products_of_blocks
-    return run(tiles, cut, codes.to(torch.float32), convolution)
+    codes = codes.to(torch.float32)
+    per_sample = max(codes[0].numel() if len(codes) else 1,
+                     cut.out_features * (math.prod(convolution.out_size) if convolution is not None else 1))
+    part = max(1, CODES_PER_CALL // per_sample)
+    if len(codes) <= part:
+        return run(tiles, cut, codes, convolution)
+    return torch.cat([run(tiles, cut, codes[start : start + part], convolution) for start in range(0, len(codes), part)])
 
 
 def products_of_blocks(tiles: list[Tile], cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None) -> torch.Tensor:

@@ -54,8 +54,8 @@ def _examples() -> list[tuple[str, int, m.Message]]:
         ("error", 13, m.Error(m.ErrorCode.OUT_OF_RANGE, 0x06, "target 80 uS outside [7.6, 31.3]")),
         # Version 3 (SPEC.md §8).
         ("program_devices_levels", 20, m.ProgramDevices(
-            0, 0.0, np.array([0, 0, 0, 5, 5], np.uint16), np.array([0, 0, 1, 0, 0], np.uint8),
-            np.array([3, 4095, 3, 64, 65], np.uint16), np.array([7, 30, 0, 15, 16], np.uint8))),
+            0, 0.0, np.array([0, 0, 0, 3, 3], np.uint16), np.array([0, 0, 1, 0, 0], np.uint8),
+            np.array([3, 4095, 3, 64, 65], np.uint16), np.array([7, 15, 0, 12, 13], np.uint8))),
         ("program_devices_microsiemens", 21, m.ProgramDevices(
             12, 0.5, np.array([2, 2], np.uint16), np.array([1, 1], np.uint8), np.array([10, 20], np.uint16),
             np.array([8.25, 30.0], np.float32))),
@@ -63,7 +63,7 @@ def _examples() -> list[tuple[str, int, m.Message]]:
             np.array([61, 244, 60, 123, 130], np.uint16), np.array([1, 3, 20, 2, 1], np.uint8),
             np.array([False, False, True, False, False]))),
         ("layer_forward", 22, m.LayerForward(
-            4, 3, 2, 1, 84, 10, np.array([16, 17], np.uint16), None,
+            4, 3, 2, 1, 84, 10, np.array([2, 3], np.uint16), None,
             np.concatenate([np.zeros((2, 40), np.int16), np.arange(-60, 28, 2, dtype=np.int16).reshape(1, 44)
                             .repeat(2, 0)], axis=1))),
         ("layer_forward_convolution", 23, m.LayerForward(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cim_hil.board import Board
-from cim_hil.emulator.periphery import top_code
+from cim_hil.codes import top_code
 from cim_hil.emulator.tile import EmulatedTile
 from cim_hil.errors import CapabilityError, ConfigError, ShapeError, UnsafeValueError
 from cim_hil.layer_products import Convolution, LayerCut, layer_products
@@ -227,10 +227,13 @@ class BoardFirmware:
     def _on_readmap(self, request: m.ReadMap) -> m.Map:
         tile = self._tile(request.tile)
         window = (request.r0, request.r1, request.c0, request.c1)
+        rows, cols = tile.spec.rows, tile.spec.cols
+        # Refuse a window off the tile before reading anything: a read draws noise and costs cycles.
+        if not (request.r0 < request.r1 <= rows and request.c0 < request.c1 <= cols):
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"window {window} does not fit a {rows}x{cols} tile")
         if request.array == 0:
             values = tile.read_conductances(window)
         elif request.array == 1:
-            tile._window(window)  # refuse a bad window before reading anything
             values = tile.read_reference()[request.r0 : request.r1, request.c0 : request.c1]
         else:
             raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"array {request.array} is neither 0 (weights) nor 1 (references)")
@@ -315,13 +318,10 @@ class BoardFirmware:
     def _on_layerforward(self, request: m.LayerForward) -> m.LayerProducts:
         tiles = [self._tile(index) for index in request.tiles.tolist()]
         spec = tiles[0].spec
-        in_form = CodeFormat(request.in_format)  # the decoder read the inputs in it: a known format
         try:
             out_form = CodeFormat(request.out_format)
         except ValueError:
             raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"output format {request.out_format} is not a code format") from None
-        if spec.input_bits > 8 and in_form in (CodeFormat.I8, CodeFormat.I8_ZERO_RUNS):
-            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"{spec.input_bits}-bit input codes do not fit format {in_form.name}")
         widest = request.row_blocks * top_code(spec.output_bits)  # the largest |sum| of the row blocks' codes
         if out_form == CodeFormat.I8_ZERO_RUNS or widest > {CodeFormat.I8: 127}.get(out_form, 32767):
             raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"sums of {request.row_blocks} row blocks of {spec.output_bits}-bit "
