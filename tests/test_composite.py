@@ -57,7 +57,10 @@ def test_a_virtual_board_plus_emulated_tiles_gives_the_numbers_of_one_emulator(s
         assert len(composite) == 6 and [m.info()["backend"] for m in composite.members] == ["serial", "emulator"]
         expected, expected_optimizer, expected_outputs = _train(alone)
         got, optimizer, outputs = _train(composite)
-        assert all(torch.equal(a, b) for a, b in zip(expected_outputs, outputs))  # forward and transpose products
+        # The outputs agree to float rounding: a whole layer on one emulator sums its blocks in
+        # the emulator's own layer call, across members block by block (a last-bit difference);
+        # the devices, the levels and the weights agree exactly.
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(expected_outputs, outputs))
         for a, b in zip(analog_layers(expected), analog_layers(got)):
             assert torch.equal(a.weight, b.weight) and torch.equal(a.levels, b.levels)
         assert optimizer.last_step["devices_programmed"] == expected_optimizer.last_step["devices_programmed"] > 0
