@@ -80,15 +80,22 @@ def mapping_for(arm: str) -> MappingConfig:
                          reference="calibrated" if arm == "sgd-zero-shift" else "middle")
 
 
-def calibrated_state(config: EmulatorConfig, offset: float, seed: int) -> dict:
-    """Every tile zero-shifted; with ``offset``, each reference then moved off its symmetry
-    point by N(0, offset * range) (within the range) and programmed there by write-verify."""
+def calibrated_state(config: EmulatorConfig, offset: float, seed: int, kept: dict) -> dict:
+    """Every tile zero-shifted (once per device population, kept in ``kept``); with ``offset``,
+    each reference then moved off its symmetry point by N(0, offset * range) (within the
+    range) and programmed there by write-verify."""
+    key = config.model_dump_json()
     board = build_emulator(config)
-    spec = board[0].spec
-    generator = torch.Generator().manual_seed(seed)
-    for tile in board:
-        calibrate_references(tile)
-        if offset:
+    if key in kept:
+        board.load_state_dict(kept[key])
+    else:
+        for tile in board:
+            calibrate_references(tile)
+        kept[key] = board.state_dict()
+    if offset:
+        spec = board[0].spec
+        generator = torch.Generator().manual_seed(seed)
+        for tile in board:
             error = torch.randn(spec.rows, spec.cols, generator=generator) * offset * (spec.g_max_us - spec.g_min_us)
             reference = torch.stack([tile.read_reference().float().cpu() for _ in range(8)]).mean(0)
             tile.program_reference((reference + error).clamp(spec.g_min_us, spec.g_max_us))
@@ -154,12 +161,13 @@ def main() -> None:
     data.train, data.test = data.train.head(args.train), data.test.head(args.test)
     began = time.perf_counter()
     results: dict[str, dict] = {}
+    kept: dict[str, dict] = {}
     for condition in args.conditions:
         device = dict(CONDITIONS[condition])
         config = validate(EmulatorConfig, {"device": device, "soc": {"tiles": 2 * TILES}, "seed": 1})
         offset = OFFSETS.get(condition, 0.0)
         arms = [arm for arm in args.arms if not offset or arm in NEEDS_REFERENCES]
-        state = calibrated_state(config, offset, seed=2) if any(ARMS[arm][3] for arm in arms) else None
+        state = calibrated_state(config, offset, 2, kept) if any(ARMS[arm][3] for arm in arms) else None
         results[condition] = {arm: train(arm, config, state if ARMS[arm][3] else None, data, args.epochs) for arm in arms}
         for arm in args.arms:  # arms the offsets cannot touch keep their offset-free figures
             results[condition].setdefault(arm, {**results["symmetric"][arm], "same_as": "symmetric"}

@@ -43,14 +43,15 @@ def fast_arrays_beside(model: nn.Module, board: Board) -> list[FastArray]:
 
 def build_optimizer(algorithm: str, model: nn.Module, board: Board, lr: float, rule: str = "sgd",
                     options: AlgorithmConfig | None = None, seed: int = 0,
-                    calibrate: Calibrate | None = None) -> torch.optim.Optimizer:
+                    calibrate: Calibrate | None = None, agree=None) -> torch.optim.Optimizer:
     """The optimizer for ``algorithm`` over ``model`` (converted onto ``board``). TTv2 and
-    c-TTv2 zero-shift A's tiles with ``calibrate`` first: A's references at the symmetry points."""
+    c-TTv2 zero-shift A's tiles with ``calibrate`` first: A's references at the symmetry points.
+    ``agree``: the data-parallel ranks' agreement on chi (mixed precision only)."""
     options = options or AlgorithmConfig()
     if algorithm == "mp":
-        return MixedPrecisionOptimizer(model, lr=lr, rule=rule)
+        return MixedPrecisionOptimizer(model, lr=lr, rule=rule, agree=agree)
     if algorithm == "mp-no-accumulation":
-        return NoAccumulationOptimizer(model, lr=lr, rule=rule)
+        return NoAccumulationOptimizer(model, lr=lr, rule=rule, agree=agree)
     if algorithm == "sgd":
         return AnalogSGD(model, lr=lr, options=options, seed=seed)
     if algorithm not in TRANSFER:

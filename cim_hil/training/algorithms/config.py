@@ -6,14 +6,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from cim_hil.config import _Strict
+from cim_hil.config import Strict
 
 Algorithm = Literal["mp", "mp-no-accumulation", "sgd", "ttv2", "c-ttv2", "agad"]
 MIXED_PRECISION = ("mp", "mp-no-accumulation")
 TRANSFER = ("ttv2", "c-ttv2", "agad")
 
 
-class AlgorithmConfig(_Strict):
+class AlgorithmConfig(Strict):
     """What the on-device algorithms (``sgd``, ``ttv2``, ``c-ttv2``, ``agad``) need beyond the
     learning rate, which is the one of SGD (``TrainConfig.lr``): the weights (sgd) or A (the
     transfer family) move by -lr * gradient. The buffer H counts in pulses of C.
