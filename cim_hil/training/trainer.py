@@ -77,6 +77,11 @@ def open_board_for(model: torch.nn.Module, url: str, pack: bool | None = None,
     return open_board(url)
 
 
+def _since(before: dict[str, float], now: dict[str, float]) -> dict[str, float]:
+    """What a counter dict grew by between two readings."""
+    return {name: now[name] - before[name] for name in before}
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, data: MNIST, out_dir: str | Path, progress: bool = True) -> None:
         self.config = config
@@ -130,11 +135,11 @@ class Trainer:
         order = torch.randperm(len(train), generator=self.shuffle)
         self.model.train()
         before = self.board.counters if self.board else None
+        traffic = self.board.link_traffic() if self.board else {}
         programmed, loss_sum, correct = 0, 0.0, 0
         start = time.perf_counter()
-        batches = range(0, len(train), size)
-        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", disable=not self.progress, leave=False)
-        for first in bar:
+        bar = self._bar(len(train), f"epoch {self.epoch + 1}/{self.config.epochs}")
+        for first in range(0, len(train), size):
             chosen = order[first : first + size]
             images, labels = train.images[chosen], train.labels[chosen]
             self.optimizer.zero_grad()
@@ -146,7 +151,9 @@ class Trainer:
             correct += int((logits.argmax(1) == labels).sum())
             if isinstance(self.optimizer, MixedPrecisionOptimizer):
                 programmed += self.optimizer.last_step["devices_programmed"]
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update(len(chosen))
+            bar.set_postfix(loss=f"{loss.item():.3f}", **self._link_rate(traffic, start))
+        bar.close()
         row = {
             "epoch": self.epoch + 1,
             "train_loss": loss_sum / len(train),
@@ -160,19 +167,46 @@ class Trainer:
                 pulses=spent.pulses - before.pulses,
                 chip_seconds=spent.seconds - before.seconds,
                 chip_energy_uj=(spent.energy_nj - before.energy_nj) / 1000,
+                **_since(traffic, self.board.link_traffic()),
                 **self.optimizer.write_statistics(),
             )
         return row
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Test accuracy; on a board also the chip's and the link's share of the pass (``test_``
+        beside the training pass's names)."""
         self.model.eval()
         test = self.data.test
+        before = self.board.counters if self.board else None
+        traffic = self.board.link_traffic() if self.board else {}
+        start = time.perf_counter()
         correct = 0
+        bar = self._bar(len(test), "test")
         for first in range(0, len(test), EVAL_BATCH):
             logits = self.model(test.images[first : first + EVAL_BATCH])
             correct += int((logits.argmax(1) == test.labels[first : first + EVAL_BATCH]).sum())
-        return {"test_acc": correct / len(test)}
+            bar.update(len(logits))
+            bar.set_postfix(self._link_rate(traffic, start))
+        bar.close()
+        row = {"test_acc": correct / len(test)}
+        if self.board is not None:
+            row["test_chip_seconds"] = self.board.counters.seconds - before.seconds
+            row.update({f"test_{name}": value for name, value in _since(traffic, self.board.link_traffic()).items()})
+        return row
+
+    def _bar(self, digits: int, what: str) -> tqdm:
+        """Progress in digits, its rate and ETA averaged over the whole pass (smoothing 0): on a
+        slow link every step takes long, and a recent-steps average would swing with each one."""
+        return tqdm(total=digits, unit="digit", desc=what, smoothing=0, disable=not self.progress, leave=False)
+
+    def _link_rate(self, traffic: dict[str, float], start: float) -> dict[str, str]:
+        """The link's throughput since ``start`` (bytes both ways per second), for a bar's postfix."""
+        if not traffic:
+            return {}
+        moved = _since(traffic, self.board.link_traffic())
+        rate = (moved["link_bytes_out"] + moved["link_bytes_in"]) / max(time.perf_counter() - start, 1e-9)
+        return {"link": tqdm.format_sizeof(rate, "B/s")}
 
     def _title(self) -> str:
         kind = "float32 baseline" if self.config.float_baseline else f"mixed precision on {self.config.board}"
