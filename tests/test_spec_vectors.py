@@ -228,6 +228,99 @@ V2 = {0x01: hello, 0x81: info, 0x02: forward, 0x82: products, 0x03: read_map, 0x
       0x80: ack, 0xFF: error}
 
 
+# ---- version 3 (SPEC.md §8): the v2 messages, NEXT naming its piece, and four new ones --------
+
+def read_codes(form: int, count: int, p: bytes, at: int):
+    """``count`` codes in code format ``form`` (§8.1) from ``at``; returns them and the end."""
+    if form == 1:
+        return _array("b", count, p, at)
+    if form == 2:
+        return _array("h", count, p, at)
+    assert form in (3, 4), f"unknown code format {form}"
+    codes = []
+    while len(codes) < count:
+        byte = p[at]
+        if byte != 0x80:
+            codes.append(struct.unpack_from("<b", p, at)[0])
+            at += 1
+        elif form == 3:
+            codes.append(struct.unpack_from("<h", p, at + 1)[0])
+            at += 3
+        else:
+            n = p[at + 1]
+            assert 1 <= n <= count - len(codes), "a zero run past the codes"
+            codes += [0] * n
+            at += 2
+    return codes, at
+
+
+def next_v3(p):
+    assert len(p) == 4
+    return {"piece": struct.unpack("<I", p)[0]}
+
+
+TARGET_FORMATS = {1: "B", 2: "H", 3: "f"}
+
+
+def program_devices(p):
+    max_trials, tolerance, target_format, groups = struct.unpack_from("<HfBxH", p)
+    at, tiles, arrays, places, targets = 10, [], [], [], []
+    for _ in range(groups):
+        tile, array, count = struct.unpack_from("<HBxH", p, at)
+        group_places, at = _array("H", count, p, at + 6)
+        group_targets, at = _array(TARGET_FORMATS[target_format], count, p, at)
+        tiles += [tile] * count
+        arrays += [array] * count
+        places += group_places
+        targets += group_targets
+    assert at == len(p), "bytes after the last group"
+    n = len(tiles)
+    return {"max_trials": max_trials, "tolerance_us": tolerance, "target_format": target_format,
+            "tiles": (tiles, [n]), "arrays": (arrays, [n]), "places": (places, [n]), "targets": (targets, [n])}
+
+
+def devices_report(p):
+    (count,) = struct.unpack_from("<I", p)
+    assert len(p) == 4 + 3 * count + (count + 7) // 8
+    entries = [struct.unpack_from("<HB", p, 4 + 3 * i) for i in range(count)]
+    bits = p[4 + 3 * count:]
+    failed = [(bits[i // 8] >> (i % 8)) & 1 for i in range(count)]
+    assert all(not (bits[-1] >> b) & 1 for b in range(count % 8 or 8, 8)), "unused bits are 0"
+    return {"reached_codes": ([e[0] for e in entries], [count]), "trials": ([e[1] for e in entries], [count]),
+            "failed": (failed, [count])}
+
+
+GEOMETRY = struct.Struct("<BxHHH8B")
+
+
+def layer_forward(p):
+    in_format, out_format, r, c, in_features, out_features, batch, convolution = struct.unpack_from("<BBBBHHHBx", p)
+    tiles, at = _array("H", r * c, p, 12)
+    geometry, per_sample = None, in_features
+    if convolution:
+        order, channels, height, width, *pairs = GEOMETRY.unpack_from(p, at)
+        at += GEOMETRY.size
+        geometry = {"channel_order": order, "channels": channels, "height": height, "width": width,
+                    "kernel": pairs[0:2], "stride": pairs[2:4], "padding": pairs[4:6], "dilation": pairs[6:8]}
+        per_sample = channels * height * width
+    codes, end = read_codes(in_format, batch * per_sample, p, at)
+    assert end == len(p), "bytes after the codes"
+    return {"in_format": in_format, "out_format": out_format, "row_blocks": r, "col_blocks": c,
+            "in_features": in_features, "out_features": out_features, "batch": batch, "convolution": convolution,
+            "tiles": (tiles, [r * c]), "geometry": geometry, "codes": (codes, [batch, per_sample])}
+
+
+def layer_products(p):
+    out_format, out_features, rows = struct.unpack_from("<BxHI", p)
+    codes, end = read_codes(out_format, rows * out_features, p, 8)
+    assert end == len(p)
+    return {"out_format": out_format, "codes": (codes, [rows, out_features])}
+
+
+V3 = {**V2, 0x09: next_v3, 0x0A: program_devices, 0x8A: devices_report, 0x0B: layer_forward,
+      0x8B: layer_products}
+
+
 # ---- the vectors' own conventions for fields (SPEC.md §6), mapped onto §4's -----------------
 
 def _vector_array(field):
@@ -250,8 +343,9 @@ def expected_from_vector(mtype: int, fields: dict) -> dict:
     """Rewrite a vector's ``fields`` into the decoded form above, per SPEC.md §6: arrays as
     (data, shape), a bool ``transpose`` for FORWARD/PRODUCTS flags, and parallel arrays for
     the records of PULSES_SPARSE and PROGRAM_REPORT."""
-    f = {key: _vector_array(value) if isinstance(value, dict) else value for key, value in fields.items()}
-    dtypes = {key: value["dtype"] for key, value in fields.items() if isinstance(value, dict)}
+    arrays = {key for key, value in fields.items() if isinstance(value, dict) and "data" in value}
+    f = {key: _vector_array(value) if key in arrays else value for key, value in fields.items()}
+    dtypes = {key: fields[key]["dtype"] for key in arrays}
     if mtype in (0x02, 0x82):
         f["flags"] = int(f.pop("transpose"))
         f["code_bytes"] = {"int8": 1, "int16": 2}[dtypes["codes"]]
@@ -271,6 +365,13 @@ def expected_from_vector(mtype: int, fields: dict) -> dict:
         f["entries"] = [(r, t, int(x)) for r, t, x in zip(reached, trials, failed)]
     elif mtype == 0x81:
         f.setdefault("reserved", 0)
+    elif mtype == 0x0A:
+        f["target_format"] = {"uint8": 1, "uint16": 2, "float32": 3}[dtypes["targets"]]
+    elif mtype == 0x8A:
+        f["failed"] = ([int(x) for x in f["failed"][0]], f["failed"][1])
+    elif mtype == 0x0B:
+        f["batch"] = f["codes"][1][0]
+        f["convolution"] = int(f["geometry"] is not None)
     return f
 
 
@@ -300,7 +401,7 @@ def _cases():
             yield pytest.param(doc["protocol_version"], vector, id=f"{path.stem}-{vector['name']}")
 
 
-DECODERS = {2: V2}
+DECODERS = {2: V2, 3: V3}
 
 
 @pytest.mark.parametrize("version,vector", list(_cases()))
@@ -335,6 +436,13 @@ def test_every_message_type_of_the_catalogue_has_a_vector():
         doc = json.loads(path.read_text())
         types = {v["type"] for v in doc["vectors"]}
         assert set(DECODERS[doc["protocol_version"]]) <= types
+
+
+def test_the_examples_of_version_3_read_as_the_spec_says():
+    assert read_codes(4, 7, bytes.fromhex("800405 00ff".replace(" ", "")), 0) == ([0, 0, 0, 0, 5, 0, -1], 5)
+    assert read_codes(3, 3, bytes.fromhex("01802c01fe"), 0) == ([1, 300, -2], 5)
+    report = devices_report(bytes.fromhex("020000003d0001f4000302"))
+    assert report == {"reached_codes": ([61, 244], [2]), "trials": ([1, 3], [2]), "failed": ([0, 1], [2])}
 
 
 def test_crc_check_value_and_cobs_corners_from_the_spec():
