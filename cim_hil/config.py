@@ -115,6 +115,10 @@ class SoCConfig(_Strict):
     tiles: int = Field(4, ge=1, le=4096)
     rows: int = Field(64, ge=1, le=8192)
     cols: int = Field(64, ge=1, le=8192)
+    first_tile: int = Field(
+        0, ge=0, description="this emulator's tiles are tiles first_tile.. of a larger chip of the same seed (each "
+        "tile's devices and noise come from its index's stream): emulated tiles beside a board in a composite board"
+    )
 
 
 class EmulatorConfig(_Strict):

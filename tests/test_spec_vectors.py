@@ -228,30 +228,27 @@ V2 = {0x01: hello, 0x81: info, 0x02: forward, 0x82: products, 0x03: read_map, 0x
       0x80: ack, 0xFF: error}
 
 
-# ---- version 3 (SPEC.md §8): the v2 messages, NEXT naming its piece, and four new ones --------
+# ---- version 3 (§8), read from the spec's tables ------------------------------------------
 
-def read_codes(form: int, count: int, p: bytes, at: int):
-    """``count`` codes in code format ``form`` (§8.1) from ``at``; returns them and the end."""
-    if form == 1:
-        return _array("b", count, p, at)
-    if form == 2:
-        return _array("h", count, p, at)
-    assert form in (3, 4), f"unknown code format {form}"
-    codes = []
-    while len(codes) < count:
+def codes_v3(fmt: int, count: int, p: bytes, at: int):
+    """§8.1: ``count`` codes in format ``fmt`` from ``p[at:]``, byte by byte."""
+    if fmt in (1, 2):
+        return _array("b" if fmt == 1 else "h", count, p, at)
+    assert fmt in (3, 4)
+    out = []
+    while len(out) < count:
         byte = p[at]
         if byte != 0x80:
-            codes.append(struct.unpack_from("<b", p, at)[0])
+            out.append(byte - 256 if byte > 127 else byte)
             at += 1
-        elif form == 3:
-            codes.append(struct.unpack_from("<h", p, at + 1)[0])
+        elif fmt == 3:
+            out.append(struct.unpack_from("<h", p, at + 1)[0])
             at += 3
         else:
-            n = p[at + 1]
-            assert 1 <= n <= count - len(codes), "a zero run past the codes"
-            codes += [0] * n
+            assert 1 <= p[at + 1] <= count - len(out)
+            out += [0] * p[at + 1]
             at += 2
-    return codes, at
+    return out, at
 
 
 def next_v3(p):
@@ -259,24 +256,20 @@ def next_v3(p):
     return {"piece": struct.unpack("<I", p)[0]}
 
 
-TARGET_FORMATS = {1: "B", 2: "H", 3: "f"}
-
-
 def program_devices(p):
-    max_trials, tolerance, target_format, groups = struct.unpack_from("<HfBxH", p)
-    at, tiles, arrays, places, targets = 10, [], [], [], []
+    max_trials, tolerance, target_format, reserved, groups = struct.unpack_from("<HfBBH", p)
+    assert reserved == 0
+    fmt = {1: "B", 2: "H", 3: "f"}[target_format]
+    at, devices = 10, []
     for _ in range(groups):
-        tile, array, count = struct.unpack_from("<HBxH", p, at)
-        group_places, at = _array("H", count, p, at + 6)
-        group_targets, at = _array(TARGET_FORMATS[target_format], count, p, at)
-        tiles += [tile] * count
-        arrays += [array] * count
-        places += group_places
-        targets += group_targets
-    assert at == len(p), "bytes after the last group"
-    n = len(tiles)
+        tile, array, reserved, count = struct.unpack_from("<HBBH", p, at)
+        assert reserved == 0
+        places, at = _array("H", count, p, at + 6)
+        targets, at = _array(fmt, count, p, at)
+        devices += [(tile, array, place, target) for place, target in zip(places, targets)]
+    assert at == len(p)
     return {"max_trials": max_trials, "tolerance_us": tolerance, "target_format": target_format,
-            "tiles": (tiles, [n]), "arrays": (arrays, [n]), "places": (places, [n]), "targets": (targets, [n])}
+            "devices": devices}
 
 
 def devices_report(p):
@@ -285,36 +278,35 @@ def devices_report(p):
     entries = [struct.unpack_from("<HB", p, 4 + 3 * i) for i in range(count)]
     bits = p[4 + 3 * count:]
     failed = [(bits[i // 8] >> (i % 8)) & 1 for i in range(count)]
-    assert all(not (bits[-1] >> b) & 1 for b in range(count % 8 or 8, 8)), "unused bits are 0"
-    return {"reached_codes": ([e[0] for e in entries], [count]), "trials": ([e[1] for e in entries], [count]),
-            "failed": (failed, [count])}
-
-
-GEOMETRY = struct.Struct("<BxHHH8B")
+    return {"entries": [(code, trials, bit) for (code, trials), bit in zip(entries, failed)]}
 
 
 def layer_forward(p):
-    in_format, out_format, r, c, in_features, out_features, batch, convolution = struct.unpack_from("<BBBBHHHBx", p)
-    tiles, at = _array("H", r * c, p, 12)
-    geometry, per_sample = None, in_features
-    if convolution:
-        order, channels, height, width, *pairs = GEOMETRY.unpack_from(p, at)
-        at += GEOMETRY.size
-        geometry = {"channel_order": order, "channels": channels, "height": height, "width": width,
-                    "kernel": pairs[0:2], "stride": pairs[2:4], "padding": pairs[4:6], "dilation": pairs[6:8]}
-        per_sample = channels * height * width
-    codes, end = read_codes(in_format, batch * per_sample, p, at)
-    assert end == len(p), "bytes after the codes"
-    return {"in_format": in_format, "out_format": out_format, "row_blocks": r, "col_blocks": c,
-            "in_features": in_features, "out_features": out_features, "batch": batch, "convolution": convolution,
-            "tiles": (tiles, [r * c]), "geometry": geometry, "codes": (codes, [batch, per_sample])}
+    in_fmt, out_fmt, rows, cols, inputs, outputs, batch, conv, reserved = struct.unpack_from("<BBBBHHHBB", p)
+    assert conv in (0, 1) and reserved == 0
+    tiles, at = _array("H", rows * cols, p, 12)
+    out = {"in_format": in_fmt, "out_format": out_fmt, "row_blocks": rows, "col_blocks": cols,
+           "in_features": inputs, "out_features": outputs, "tiles": tiles, "geometry": None}
+    width = inputs
+    if conv:
+        order, reserved, channels, height, image_width = struct.unpack_from("<BBHHH", p, at)
+        assert reserved == 0
+        kh, kw, sh, sw, ph, pw, dh, dw = struct.unpack_from("<8B", p, at + 8)
+        out["geometry"] = {"channel_order": order, "channels": channels, "height": height, "width": image_width,
+                           "kernel": [kh, kw], "stride": [sh, sw], "padding": [ph, pw], "dilation": [dh, dw]}
+        width, at = channels * height * image_width, at + 16
+    codes, at = codes_v3(in_fmt, batch * width, p, at)
+    assert at == len(p)
+    out["codes"] = (codes, [batch, width])
+    return out
 
 
 def layer_products(p):
-    out_format, out_features, rows = struct.unpack_from("<BxHI", p)
-    codes, end = read_codes(out_format, rows * out_features, p, 8)
-    assert end == len(p)
-    return {"out_format": out_format, "codes": (codes, [rows, out_features])}
+    out_fmt, reserved, outputs, rows = struct.unpack_from("<BBHI", p)
+    assert reserved == 0
+    codes, at = codes_v3(out_fmt, rows * outputs, p, 8)
+    assert at == len(p)
+    return {"out_format": out_fmt, "codes": (codes, [rows, outputs])}
 
 
 V3 = {**V2, 0x09: next_v3, 0x0A: program_devices, 0x8A: devices_report, 0x0B: layer_forward,
@@ -365,13 +357,13 @@ def expected_from_vector(mtype: int, fields: dict) -> dict:
         f["entries"] = [(r, t, int(x)) for r, t, x in zip(reached, trials, failed)]
     elif mtype == 0x81:
         f.setdefault("reserved", 0)
-    elif mtype == 0x0A:
+    elif mtype == 0x0A:  # parallel arrays per device; the target format from the targets' dtype
         f["target_format"] = {"uint8": 1, "uint16": 2, "float32": 3}[dtypes["targets"]]
+        f["devices"] = list(zip(*(f.pop(key)[0] for key in ("tiles", "arrays", "places", "targets"))))
     elif mtype == 0x8A:
-        f["failed"] = ([int(x) for x in f["failed"][0]], f["failed"][1])
+        f["entries"] = [(c, t, int(x)) for c, t, x in zip(*(f.pop(key)[0] for key in ("reached_codes", "trials", "failed")))]
     elif mtype == 0x0B:
-        f["batch"] = f["codes"][1][0]
-        f["convolution"] = int(f["geometry"] is not None)
+        f["tiles"] = f["tiles"][0]
     return f
 
 
@@ -438,11 +430,10 @@ def test_every_message_type_of_the_catalogue_has_a_vector():
         assert set(DECODERS[doc["protocol_version"]]) <= types
 
 
-def test_the_examples_of_version_3_read_as_the_spec_says():
-    assert read_codes(4, 7, bytes.fromhex("800405 00ff".replace(" ", "")), 0) == ([0, 0, 0, 0, 5, 0, -1], 5)
-    assert read_codes(3, 3, bytes.fromhex("01802c01fe"), 0) == ([1, 300, -2], 5)
-    report = devices_report(bytes.fromhex("020000003d0001f4000302"))
-    assert report == {"reached_codes": ([61, 244], [2]), "trials": ([1, 3], [2]), "failed": ([0, 1], [2])}
+def test_the_worked_examples_of_version_3_read_as_the_spec_says():
+    assert codes_v3(4, 7, bytes.fromhex("80040500ff"), 0) == ([0, 0, 0, 0, 5, 0, -1], 5)
+    assert codes_v3(3, 3, bytes.fromhex("01802c01fe"), 0) == ([1, 300, -2], 5)
+    assert devices_report(bytes.fromhex("020000003d0001f4000302")) == {"entries": [(61, 1, 0), (244, 3, 1)]}
 
 
 def test_crc_check_value_and_cobs_corners_from_the_spec():
