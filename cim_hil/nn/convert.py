@@ -28,10 +28,15 @@ def count_tiles(model: nn.Module, rows: int, cols: int) -> int:
     return sum(tiles_needed(*_shape(m), rows, cols) for _, m in _convertible(model))
 
 
-def convert_to_analog(model: nn.Module, board: Board, config: MappingConfig | None = None) -> nn.Module:
+def convert_to_analog(
+    model: nn.Module, board: Board, config: MappingConfig | None = None,
+    layer_configs: dict[str, MappingConfig] | None = None,
+) -> nn.Module:
     """A copy of ``model`` whose Linear and Conv2d layers run on ``board``'s tiles, one block per
-    tile, in module order. The initial weights are programmed with write-verify."""
+    tile, in module order. The initial weights are programmed with write-verify. ``layer_configs``
+    overrides ``config`` for the layers it names (module names, as ``named_modules`` gives them)."""
     config = config or MappingConfig()
+    layer_configs = layer_configs or {}
     spec = board[0].spec
     needed = count_tiles(model, spec.rows, spec.cols)
     if needed > len(board):
@@ -47,7 +52,7 @@ def convert_to_analog(model: nn.Module, board: Board, config: MappingConfig | No
         tiles = board.tiles[next_tile : next_tile + count]
         next_tile += count
         layer_type = AnalogLinear if isinstance(module, nn.Linear) else AnalogConv2d
-        _replace(analog, name, layer_type(module, tiles, config))
+        _replace(analog, name, layer_type(module, tiles, layer_configs.get(name, config)))
     return analog
 
 

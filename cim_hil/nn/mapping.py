@@ -95,6 +95,9 @@ class TileMapping:
             self.granularity = (config.pulse_step_us or self.spacing) * self.scale
         self.device_index = self._device_index()
         self._directions = (self._direction(transpose=False), self._direction(transpose=True))
+        # Post-training calibration (cim_hil.deploy) may set these; None keeps the defaults.
+        self.input_range: float | None = None  # a fixed DAC full scale instead of each sample's peak
+        self.output_scale: torch.Tensor | None = None  # (out_features,) digital gain per column
 
     def _check_capabilities(self) -> None:
         spec, config = self.spec, self.config
@@ -228,11 +231,17 @@ class TileMapping:
     ) -> torch.Tensor:
         """All tiles at once: each gets its block of the inputs, and the partial products of the
         blocks along the summed dimension are added on the host."""
-        # Scale each sample to the DAC's full range, as the host driver of the chip does.
+        # Scale each sample to the DAC's full range, as the host driver of the chip does, or to
+        # a calibrated fixed range (``input_range``), beyond which the DAC saturates.
         x = x.detach()
+        if transpose and self.output_scale is not None:  # d @ W = (d * scale) @ (W / scale)
+            x = x * self.output_scale.to(x.device)
         peak = (x.abs().amax(dim=1, keepdim=True) if peak is None else peak).clamp_min(1e-12)
         # A NaN or infinity anywhere in a sample shows in its peak (amax propagates NaN).
         require_finite(peak, "the layer's inputs contain")
+        fixed = self.input_range is not None and not transpose
+        if fixed:
+            peak = torch.full_like(peak, self.input_range)
         n, width = x.shape
         way = self._directions[transpose]
         driven = min(way.block, width)  # the widest input block
@@ -241,6 +250,8 @@ class TileMapping:
             torch.div(x, peak, out=normalised[:, :width])
         else:
             normalised = x / peak
+        if fixed:
+            normalised.clamp_(-1.0, 1.0)
         inputs = normalised.cpu().view(n, way.blocks, driven).transpose(0, 1)  # (blocks, n, driven)
         if way.kept > 1:  # tile (r, c) takes block c (transposed) or r
             grid = inputs.unsqueeze(0) if transpose else inputs.unsqueeze(1)
@@ -251,6 +262,8 @@ class TileMapping:
         out = (grid.sum(2) if way.blocks > 1 else grid[:, :, 0]).reshape(n, -1)[:, : way.features]
         back = self.scale / self.spec.v_read  # uA per unit of normalised input -> weight units
         peak = peak.to(out.device)
+        if not transpose and self.output_scale is not None:
+            peak = peak * self.output_scale.to(out.device)  # (n, out_features)
         out = out * (peak * back) if bias is None else torch.addcmul(bias.to(out.device), out, peak, value=back)
         return out.to(x.device, x.dtype)
 
