@@ -1,7 +1,7 @@
 """The board's side of the firmware protocol, executing on emulated tiles.
 
 :class:`BoardFirmware` is what a real board's firmware does with the bytes it receives
-(../firmware_protocol/SPEC.md): frames are decoded, fragments acknowledged and reassembled, the
+(firmware_protocol/SPEC.md): frames are decoded, fragments acknowledged and reassembled, the
 whole request runs **once** on the tiles, and the answer is kept so a repeated sequence number
 is answered again without running anything twice. It knows nothing about lines or timing; the
 virtual board puts it behind a pseudo-terminal or a socket.
@@ -62,6 +62,23 @@ class BoardFirmware:
             )
         if max(spec.rows, spec.cols) > 0xFFFF or spec.max_pulses_per_call > 0x7FFF:
             raise ConfigError("tile size or max_pulses_per_call too large for the firmware protocol's 16-bit fields")
+
+    # ---- sessions -----------------------------------------------------------------------------
+    def new_session(self) -> None:
+        """Forget everything the last host left half-done: a partial frame or message, a reply
+        not fetched yet, and the kept answer (a new host's seq could repeat the old host's)."""
+        self._decoder = FrameDecoder()
+        self._reassembler = m.Reassembler()
+        self._last = None
+        self._pending, self._pending_type = [], 0
+
+    @staticmethod
+    def busy_answer(frame: Frame) -> bytes | None:
+        """The answer to a request from a host that must wait: ERROR BUSY with its seq."""
+        if frame.type & 0x80:
+            return None
+        text = "the board is serving another host; retry when it has disconnected"
+        return encode_frame(BoardFirmware._error_frame(frame, m.ErrorCode.BUSY, text))
 
     # ---- frames -------------------------------------------------------------------------------
     def receive(self, data: bytes) -> list[bytes]:
