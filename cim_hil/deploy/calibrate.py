@@ -87,8 +87,8 @@ def layer_inputs(layer: AnalogLayer, x: torch.Tensor) -> tuple[torch.Tensor, tor
     if isinstance(layer, AnalogConv2d):
         patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
         weights = layer.as_kernel(layer.weight).reshape(layer.out_channels, -1)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1]), weights
-    return x.reshape(-1, layer.in_features), layer.weight
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1]), weights.detach()
+    return x.reshape(-1, layer.in_features), layer.weight.detach()
 
 
 def dac_output_error(inputs: torch.Tensor, weights: torch.Tensor, input_range: float, bits: int) -> float:
