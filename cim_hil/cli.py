@@ -3,12 +3,12 @@
 This module is the top layer and holds only the wiring. Each command lives beside the package
 it drives, in a module that offers ``register(subparsers)``: it adds its parser and sets
 ``run=<handler>`` (handler: ``args -> None``, raising a ``CimHilError`` for anything the user
-got wrong). ``demo`` is in ``cim_hil/demo.py``, ``train`` in ``cim_hil/training/cli.py``,
-``calibrate`` in ``calibration/cli.py``, ``deploy`` in ``cim_hil/deploy/cli.py``, ``board
-info`` and ``instruments list`` in ``drivers/cli.py``, ``board serve`` in
-``drivers/simulators/cli.py``. To add a command, write such a module in your package and add one
-``register`` line to :func:`build_parser`. Handlers import what they need inside the handler, so
-building the parser loads only the packages themselves.
+got wrong). ``demo`` is in ``cim_hil/demo.py``, ``train`` in ``cim_hil/training/cli.py``, ``plan`` in ``cim_hil/nn/cli.py``,
+``deploy`` in ``cim_hil/deploy/cli.py``,
+``calibrate`` in ``calibration/cli.py``, ``board info`` and ``instruments list`` in
+``drivers/cli.py``, ``board serve`` in ``drivers/simulators/cli.py``. To add a command, write
+such a module in your package and add one ``register`` line to :func:`build_parser`. Handlers
+import what they need inside the handler, so building the parser loads only the packages themselves.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import sys
 import calibration.cli
 import cim_hil.demo
 import cim_hil.deploy.cli
+import cim_hil.nn.cli
 import cim_hil.training.cli
 import drivers.cli
 import drivers.simulators.cli
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     cim_hil.demo.register(commands)
     cim_hil.training.cli.register(commands)
+    cim_hil.nn.cli.register(commands)
     calibration.cli.register(commands)
     cim_hil.deploy.cli.register(commands)
 

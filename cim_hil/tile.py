@@ -123,24 +123,38 @@ class Tile(ABC):
     counters: Counters
 
     # ---- products -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, outputs: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, outputs: int | None = None, origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """Column currents (uA) of shape (batch, outputs) for a batch of row inputs ``x``.
 
-        ``x`` has shape (batch, k), k <= rows: rows 0..k-1 are driven, the others held at 0 V.
-        Only columns 0..outputs-1 (all if None) are converted, as the periphery converts only
-        the columns asked for: a layer smaller than the tile pays for the part it uses.
+        ``x`` has shape (batch, k): rows r..r+k-1 are driven, the others held at 0 V, where
+        ``origin`` = (r, c) is the corner of the window the product runs on (a block packed
+        beside others on the tile). Only columns c..c+outputs-1 (to the tile's edge if None) are
+        converted, as the periphery converts only the columns asked for: a layer smaller than
+        the tile pays for the part it uses.
         """
         if not self.spec.supports(Capability.COMPUTED_PRODUCTS):
             self._require(Capability.ANALOG_PRODUCTS)
-        x = self._batch(x, self.spec.rows, "forward input")
-        return self._forward(x, self._outputs(outputs, self.spec.cols))
+        return self._windowed(x, outputs, origin, transpose=False)
 
-    def backward(self, d: torch.Tensor, outputs: int | None = None) -> torch.Tensor:
+    def backward(self, d: torch.Tensor, outputs: int | None = None, origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """Row currents (uA) of shape (batch, outputs) for column inputs ``d`` of shape
-        (batch, k), k <= cols; as :meth:`forward` with rows and columns swapped."""
+        (batch, k), driving columns c..c+k-1 and converting rows r..r+outputs-1 where
+        ``origin`` = (r, c); as :meth:`forward` with rows and columns swapped."""
         self._require(Capability.TRANSPOSE)
-        d = self._batch(d, self.spec.cols, "backward input")
-        return self._backward(d, self._outputs(outputs, self.spec.rows))
+        return self._windowed(d, outputs, origin, transpose=True)
+
+    def _windowed(self, x: torch.Tensor, outputs: int | None, origin: tuple[int, int], transpose: bool) -> torch.Tensor:
+        rows, cols = (self.spec.cols, self.spec.rows) if transpose else (self.spec.rows, self.spec.cols)
+        start, first = (int(origin[1]), int(origin[0])) if transpose else (int(origin[0]), int(origin[1]))
+        if not (0 <= start < rows and 0 <= first < cols):
+            raise ShapeError(f"origin {tuple(origin)} lies outside the {self.spec.rows}x{self.spec.cols} tile")
+        what = "backward input" if transpose else "forward input"
+        x = self._batch(x, rows - start, what + f" at origin {tuple(origin)}" if start else what)
+        width = self._outputs(outputs if outputs is not None else cols - first, cols - first)
+        product = self._backward if transpose else self._forward
+        if not (start or first):
+            return product(x, width)
+        return product(pad_inputs(x, start), first + width)[:, first:]
 
     # ---- conductances ---------------------------------------------------------------------
     def read_conductances(self, window: Window | None = None) -> torch.Tensor:
@@ -357,6 +371,16 @@ class Tile(ABC):
         return ProgramResult(reached, trials, failed, tolerance_us)
 
 
+def pad_inputs(x: torch.Tensor, start: int) -> torch.Tensor:
+    """``x`` (batch, k) on lines start..start+k-1 of a product: the ``start`` lines before it
+    driven with zeros, i.e. held at 0 V. A window's product is this padded product with the
+    outputs before the window dropped, on every backend, so a virtual board and the emulator
+    agree on it to the bit; a board whose firmware takes a window saves the padding's bytes."""
+    padded = x.new_zeros(x.shape[0], start + x.shape[1])
+    padded[:, start:] = x
+    return padded
+
+
 def require_finite(x: torch.Tensor, subject: str) -> None:
     """Refuse products of ``x`` with a NaN or infinity in it; ``subject`` starts the message."""
     if x.numel() and not math.isfinite(x.sum().item()):  # one reduction: any NaN or inf shows in the sum
@@ -388,11 +412,19 @@ def _kind_of(tiles: list[Tile], capability: Capability) -> type[Tile]:
 
 
 def products_together(
-    tiles: list[Tile], x: torch.Tensor, outputs: list[int], transpose: bool = False, normalised: bool = False
+    tiles: list[Tile], x: torch.Tensor, outputs: list[int], transpose: bool = False, normalised: bool = False,
+    windows: list[Window] | None = None,
 ) -> torch.Tensor:
     """Products of several tiles at once: tile i takes inputs ``x[i]`` (x is (tiles, batch, k))
     and converts its first ``outputs[i]`` outputs, as ``forward`` (``backward`` when
     ``transpose``) would. Returns (tiles, batch, max(outputs)), zero beyond each tile's outputs.
+
+    ``windows`` (one (row_start, row_stop, col_start, col_stop) per entry) runs entry i on a
+    window of its tile, as ``forward(x, outputs, origin)`` would: its first inputs drive the
+    window's lines (rows, or columns when ``transpose``), those beyond the window are ignored,
+    every other line is held at 0 V, and its outputs are converted from the window's first
+    output line. Blocks of several layers packed on one tile run this way; the same tile may
+    appear in several entries.
 
     The numbers are those of calling each tile in turn; a backend that can run its tiles
     together (the emulator, as one batched tensor operation) does, which is what makes a layer
@@ -413,7 +445,38 @@ def products_together(
     outputs = [Tile._outputs(o, spec.rows if transpose else spec.cols) for o in outputs]
     if not normalised:
         require_finite(x, "inputs contain")
+    if windows is not None:
+        return _on_windows(kind, tiles, x, outputs, transpose, normalised, windows)
     return kind._products_together(tiles, x, outputs, transpose, normalised)
+
+
+def _on_windows(
+    kind: type[Tile], tiles: list[Tile], x: torch.Tensor, outputs: list[int], transpose: bool, normalised: bool,
+    windows: list[Window],
+) -> torch.Tensor:
+    """``products_together`` on windows: each entry's inputs padded with zeros up to its window,
+    its outputs converted up to the window's end and the ones before it dropped (``pad_inputs``)."""
+    if len(windows) != len(tiles):
+        raise ShapeError(f"windows must give one window per tile ({len(tiles)}), got {len(windows)}")
+    checked = [tile._window(window) for tile, window in zip(tiles, windows)]
+    k = x.shape[2]
+    starts, firsts, driven = [], [], []
+    for (r0, r1, c0, c1), width in zip(checked, outputs):
+        (start, stop), (first, last) = ((c0, c1), (r0, r1)) if transpose else ((r0, r1), (c0, c1))
+        if width > last - first:
+            raise ShapeError(f"{width} outputs do not fit the window {(r0, r1, c0, c1)}")
+        starts.append(start)
+        firsts.append(first)
+        driven.append(min(k, stop - start))
+    padded = x.new_zeros(len(tiles), x.shape[1], max(s + d for s, d in zip(starts, driven)))
+    for entry, inputs, start, count in zip(padded, x, starts, driven):
+        entry[:, start : start + count] = inputs[:, :count]
+    wide = [first + width for first, width in zip(firsts, outputs)]
+    result = kind._products_together(tiles, padded, wide, transpose, normalised)
+    out = result.new_zeros(len(tiles), x.shape[1], max(outputs))
+    for index, (first, width) in enumerate(zip(firsts, outputs)):
+        out[index, :, :width] = result[index, :, first : first + width]
+    return out
 
 
 def program_devices(

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cim_hil.nn.config import MappingConfig
-from cim_hil.nn.mapping import TileMapping
+from cim_hil.nn.mapping import Spot, TileMapping
 from cim_hil.tile import Tile
 
 
@@ -80,8 +80,8 @@ class AnalogLayer(nn.Module):
     """Shared state of analog layers: the mapping and the host's view of the devices."""
 
     def _setup(self, in_features: int, out_features: int, initial: torch.Tensor, bias: torch.Tensor | None,
-               tiles: list[Tile], config: MappingConfig) -> None:
-        self.mapping = TileMapping(in_features, out_features, tiles, config, initial)
+               tiles: list[Tile], config: MappingConfig, spots: list[Spot] | None, whole_tiles: bool) -> None:
+        self.mapping = TileMapping(in_features, out_features, tiles, config, initial, spots, whole_tiles)
         if config.programming == "write_verify":
             levels = self.mapping.program_levels(self.mapping.levels_for(initial), previous=None)
             self.register_buffer("levels", levels)
@@ -107,10 +107,13 @@ class AnalogLayer(nn.Module):
 
 
 class AnalogLinear(AnalogLayer):
-    def __init__(self, linear: nn.Linear, tiles: list[Tile], config: MappingConfig) -> None:
+    def __init__(self, linear: nn.Linear, tiles: list[Tile], config: MappingConfig, spots: list[Spot] | None = None,
+                 whole_tiles: bool = True) -> None:
+        """``spots``, ``whole_tiles``: where the blocks sit on ``tiles`` (see ``TileMapping``)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._setup(linear.in_features, linear.out_features, linear.weight.detach(), linear.bias, tiles, config)
+        self._setup(linear.in_features, linear.out_features, linear.weight.detach(), linear.bias, tiles, config,
+                    spots, whole_tiles)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -127,7 +130,8 @@ class AnalogConv2d(AnalogLayer):
     ``as_kernel`` gives it as a ``Conv2d`` holds it.
     """
 
-    def __init__(self, conv: nn.Conv2d, tiles: list[Tile], config: MappingConfig) -> None:
+    def __init__(self, conv: nn.Conv2d, tiles: list[Tile], config: MappingConfig, spots: list[Spot] | None = None,
+                 whole_tiles: bool = True) -> None:
         super().__init__()
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise NotImplementedError("analog convolution supports groups=1, numeric zero padding")
@@ -135,7 +139,7 @@ class AnalogConv2d(AnalogLayer):
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         self.in_channels = conv.in_channels
         weight = conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
-        self._setup(weight.shape[1], conv.out_channels, weight, conv.bias, tiles, config)
+        self._setup(weight.shape[1], conv.out_channels, weight, conv.bias, tiles, config, spots, whole_tiles)
 
     def as_kernel(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` shaped like ``weight`` (the weights, their gradient, chi) as a ``Conv2d``

@@ -21,10 +21,6 @@ from cim_hil.nn.config import MappingConfig
 from cim_hil.tile import Capability, Tile, averaged_read, products_together, program_devices, program_together, require_finite
 
 
-def tiles_needed(in_features: int, out_features: int, rows: int, cols: int) -> int:
-    return math.ceil(in_features / rows) * math.ceil(out_features / cols)
-
-
 class LevelWrite:
     """Write-verify of weights to new levels as one ``program_devices`` call over ``tiles``,
     which may hold several layers' blocks: a training step pays for one call, not one per
@@ -67,17 +63,30 @@ class LevelWrite:
         return reached[0] - reached[1]
 
 
+Spot = tuple[int, int, int]
+"""Where a block sits: (index into the layer's tiles, row, column of its first device)."""
+
+
 class TileMapping:
+    """``tiles`` are the distinct tiles the layer uses; ``spots`` give, for each block in
+    row-major grid order, its tile and corner (default: block i alone on tile i). A block at a
+    corner other than (0, 0) runs its products on its window of the tile; ``whole_tiles``
+    says the layer's tiles hold no other layer's blocks, so their unused devices are its own."""
+
     def __init__(
-        self, in_features: int, out_features: int, tiles: list[Tile], config: MappingConfig, initial: torch.Tensor
+        self, in_features: int, out_features: int, tiles: list[Tile], config: MappingConfig, initial: torch.Tensor,
+        spots: list[Spot] | None = None, whole_tiles: bool = True,
     ) -> None:
         spec = tiles[0].spec
         self.spec, self.config = spec, config
         self.in_features, self.out_features = in_features, out_features
         self.row_blocks = math.ceil(in_features / spec.rows)
         self.col_blocks = math.ceil(out_features / spec.cols)
-        assert len(tiles) == self.row_blocks * self.col_blocks
-        self.tiles = tiles
+        self.spots = spots or [(index, 0, 0) for index in range(len(tiles))]
+        assert len(self.spots) == self.row_blocks * self.col_blocks
+        self.tiles, self.whole_tiles = tiles, whole_tiles
+        self._block_tiles = [tiles[tile] for tile, _, _ in self.spots]  # one per block, in grid order
+        self._windows = self._block_windows() if any(row or col for _, row, col in self.spots) else None
         self._check_capabilities()
         top = spec.levels - 1
         self.spacing = spec.level_spacing_us
@@ -129,8 +138,16 @@ class TileMapping:
         """Where each logical weight (out, in) sits: its flat index in the stack (tiles, rows, cols)."""
         rows, cols = self.spec.rows, self.spec.cols
         inputs, outputs = torch.arange(self.in_features), torch.arange(self.out_features).unsqueeze(1)
-        tile = inputs.div(rows, rounding_mode="floor") * self.col_blocks + outputs.div(cols, rounding_mode="floor")
-        return (tile * rows + inputs % rows) * cols + outputs % cols
+        block = inputs.div(rows, rounding_mode="floor") * self.col_blocks + outputs.div(cols, rounding_mode="floor")
+        tile, row, col = (torch.tensor(values)[block] for values in zip(*self.spots))
+        return (tile * rows + row + inputs % rows) * cols + col + outputs % cols
+
+    def _block_windows(self) -> list[tuple[int, int, int, int]]:
+        """Each block's window (row_start, row_stop, col_start, col_stop) on its tile, in grid order."""
+        heights = self._block_widths(self.in_features, self.spec.rows, self.row_blocks)
+        widths = self._block_widths(self.out_features, self.spec.cols, self.col_blocks)
+        return [(row, row + heights[index // self.col_blocks], col, col + widths[index % self.col_blocks])
+                for index, (_, row, col) in enumerate(self.spots)]
 
     def _to_tiles(self, logical: torch.Tensor, fill) -> torch.Tensor:
         """A logical (out, in) matrix as the stack (tiles, rows, cols) the tiles hold, padded with ``fill``."""
@@ -209,7 +226,8 @@ class TileMapping:
             reference = torch.full_like(weights, middle)
             if self.spec.supports(Capability.REFERENCE):
                 everywhere = torch.full((len(self.tiles), self.spec.rows, self.spec.cols), middle)
-                program_together(self.tiles, everywhere, reference=True)
+                mine = None if self.whole_tiles else self._to_tiles(torch.ones_like(weights, dtype=torch.bool), False)
+                program_together(self.tiles, everywhere, mine, reference=True)
         targets = (reference + weights / self.scale).clamp(self.spec.g_min_us, self.spec.g_max_us)
         used = self._to_tiles(torch.ones_like(targets, dtype=torch.bool), False)
         program_together(self.tiles, self._to_tiles(targets, self.spec.g_min_us), used)
@@ -256,7 +274,8 @@ class TileMapping:
         if way.kept > 1:  # tile (r, c) takes block c (transposed) or r
             grid = inputs.unsqueeze(0) if transpose else inputs.unsqueeze(1)
             inputs = grid.expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
-        currents = products_together(self.tiles, inputs, way.outputs, transpose, normalised=True).cpu()
+        currents = products_together(self._block_tiles, inputs, way.outputs, transpose, normalised=True,
+                                     windows=self._windows).cpu()
         # (n, kept, summed, width): summing the blocks writes the kept ones side by side, no copy.
         grid = currents.view(self.row_blocks, self.col_blocks, n, -1).permute(2, 1 - way.summed, way.summed, 3)
         out = (grid.sum(2) if way.blocks > 1 else grid[:, :, 0]).reshape(n, -1)[:, : way.features]

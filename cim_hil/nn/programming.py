@@ -67,12 +67,13 @@ class _LevelPart:
     def __init__(self, layers: list[AnalogLayer]) -> None:
         self.layers = layers
         self.mapping = mapping = layers[0].mapping
-        self.tiles = [tile for layer in layers for tile in layer.mapping.tiles]
+        # Each tile once, though packed layers share tiles: one array must not be written twice in one call.
+        self.tiles = list({id(tile): tile for layer in layers for tile in layer.mapping.tiles}.values())
+        position = {id(tile): index for index, tile in enumerate(self.tiles)}
         per_tile = mapping.spec.rows * mapping.spec.cols
-        first_tiles = itertools.accumulate((len(layer.mapping.tiles) for layer in layers[:-1]), initial=0)
         # Where each weight's devices sit in the stack of ``tiles``, and what one level weighs.
-        self.places = torch.cat([layer.mapping.device_index.view(-1) + first * per_tile
-                                 for layer, first in zip(layers, first_tiles)])
+        self.places = torch.cat([_restacked(layer.mapping.device_index.view(-1), per_tile,
+                                            [position[id(tile)] for tile in layer.mapping.tiles]) for layer in layers])
         self.level_weight = torch.cat([torch.full((layer.weight.numel(),), layer.mapping.weights_for(1))
                                        for layer in layers])
         self.size = len(self.places)
@@ -117,6 +118,12 @@ class _PulsePart:
         pulses = layer.mapping.program_pulses(counts.view_as(layer.weight)).reshape(-1)[weights]
         applied = pulses * layer.granularity
         return applied, pulses != 0, lambda: layer.weight.view(-1).index_add_(0, weights, applied)
+
+
+def _restacked(places: torch.Tensor, per_tile: int, positions: list[int]) -> torch.Tensor:
+    """Flat device indices into a layer's own stack of tiles as indices into a stack where its
+    tile i is tile ``positions[i]``."""
+    return torch.tensor(positions)[places.div(per_tile, rounding_mode="floor")].mul_(per_tile).add_(places % per_tile)
 
 
 def _parts(layers: list[AnalogLayer]) -> list[list[AnalogLayer]]:

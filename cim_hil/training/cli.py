@@ -18,6 +18,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int)
     train.add_argument("--train-limit", type=int, help="use only the first N training digits")
     train.add_argument("--test-limit", type=int, help="use only the first N test digits")
+    train.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                       help="pack small blocks side by side on tiles (default: only when needed to fit the board)")
+    train.add_argument("--host-layers", help="comma-separated layers to keep on the host (see cim-hil plan), or "
+                       "'auto': the largest until the rest fits the board")
     train.add_argument("--config", help="TOML/JSON file with TrainConfig fields (flags override it)")
     train.add_argument("--data-dir", help="directory with the MNIST IDX files (default: offline data)")
     train.add_argument("--download", action="store_true", help="download the IDX files into --data-dir")
@@ -44,6 +48,9 @@ def run_train(args: argparse.Namespace) -> None:
         "seed": args.seed,
         "train_limit": args.train_limit,
         "test_limit": args.test_limit,
+        "pack": args.pack,
+        "host_layers": None if args.host_layers is None else (
+            "auto" if args.host_layers == "auto" else [name for name in args.host_layers.split(",") if name]),
     }
     config = validate(TrainConfig, {**base, **{k: v for k, v in flags.items() if v is not None}})
     data = load_mnist(args.data_dir, download_missing=args.download, seed=config.seed)
@@ -54,6 +61,8 @@ def run_train(args: argparse.Namespace) -> None:
         print(f"resuming {args.out} after epoch {trainer.epoch}", file=sys.stderr)
     else:
         trainer = Trainer(config, data, args.out, progress)
+    if trainer.placement is not None:
+        print(f"placement: {trainer.placement.summary()} (in {args.out}/placement.json)", file=sys.stderr)
     history = trainer.fit(args.epochs)
     summary = {"out": str(args.out), "epochs": trainer.epoch, **(history[-1] if history else {})}
     if trainer.board is not None:
