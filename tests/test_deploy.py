@@ -136,7 +136,7 @@ def test_a_chip_trained_model_lands_on_exactly_its_trained_levels(chip_run, data
     assert trained.chip_trained and set(trained.levels) == {"1", "4"}
     deployment = Deployment(trained, data, DeployConfig(**QUIET))
     board = open_board(f"{ideal_url}?tiles=4")
-    analog = convert_to_analog(trained.model, board, trained.mapping, deployment._configs(board))
+    analog = convert_to_analog(trained.model, board, trained.mapping, layer_configs=deployment._configs(board))
     for name, layer in named_analog_layers(analog):
         assert torch.equal(layer.levels, trained.levels[name])
     assert deployment._failures(analog) == 0

@@ -132,7 +132,8 @@ class Deployment:
         with _open_chip(url, self.trained.model) as board:
             self._check_fits(board, url)
             before, start = board.counters, time.perf_counter()
-            analog = convert_to_analog(self.trained.model, board, self.trained.mapping, self._configs(board))
+            analog = convert_to_analog(self.trained.model, board, self.trained.mapping,
+                                       layer_configs=self._configs(board))
             programmed = board.counters
             row = {
                 "url": url,
