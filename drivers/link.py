@@ -4,7 +4,9 @@ Stop-and-wait as ../firmware_protocol/SPEC.md §2-3 says: a request is cut into 
 waits for its ACK; a long reply is fetched piece by piece with NEXT. A frame that gets no valid
 answer in time is re-sent with the **same** sequence number, so the board answers a repeat from
 its kept reply instead of running the command twice. Everything that crosses the line is counted
-in :class:`LinkStats`, so a user can see when the link, not the array, limits a run.
+in :class:`LinkStats`, so a user can see when the link, not the array, limits a run. The codec's
+``ProtocolError`` (a plain ``ValueError``: the codec knows nothing of cim-hil) becomes a
+``BoardError`` naming the port here, where the framework meets the wire.
 """
 
 from __future__ import annotations
@@ -94,7 +96,10 @@ class Link:
         started = time.perf_counter()
         self.stats.requests += 1
         try:
-            frames = fragments(message, self._take_seq(), self.max_payload)
+            try:
+                frames = fragments(message, self._take_seq(), self.max_payload)
+            except ProtocolError as error:
+                raise BoardError(f"{_type_name(message.TYPE)} cannot be sent to the board on {self.name}: {error}") from None
             self._seq = (self._seq + len(frames) - 1) & 0xFFFF
             for frame in frames[:-1]:
                 answer = self._exchange(frame)
@@ -177,8 +182,8 @@ class Link:
                         f"the link on {self.name} echoes what it is sent (loop:// or a loopback plug?); "
                         "no board is answering"
                     )
-                if frame.type == Error.TYPE and frame.seq == 0:
-                    return None  # BAD_CRC from the board: treat as a timeout, re-send now
+                if frame.type == Error.TYPE and frame.payload[:1] == bytes([ErrorCode.BAD_CRC]):
+                    return None  # never an answer, whatever its seq (SPEC.md §3): re-send now
                 if frame.seq != sent.seq or not frame.type & 0x80:
                     self.stats.stale_frames += 1
                     continue
