@@ -78,17 +78,21 @@ class InstrumentTile(Tile):
         return self.config.max_trials
 
     # ---- one device ---------------------------------------------------------------------------
+    # Routing and driving one device is one transaction over both instruments (always locked in
+    # this order), so another thread never re-routes the matrix between the two.
     def _read_device(self, row: int, col: int) -> float:
-        self.matrix.connect(row, col)
-        amps = self.smu.measure_current(self.config.read_voltage_v, self.config.read_compliance_a)
-        self.counters.device_reads += 1
+        with self.matrix.lock, self.smu.lock:
+            self.matrix.connect(row, col)
+            amps = self.smu.measure_current(self.config.read_voltage_v, self.config.read_compliance_a)
+            self.counters.device_reads += 1
         return amps / self.config.read_voltage_v * 1e6
 
     def _pulse_device(self, row: int, col: int, count: int) -> None:
-        self.matrix.connect(row, col)
         amplitude = self.config.set_voltage_v if count > 0 else self.config.reset_voltage_v
-        self.smu.pulse(amplitude, self.config.pulse_width_s, abs(count), self.config.pulse_compliance_a)
-        self.counters.pulses += abs(count)
+        with self.matrix.lock, self.smu.lock:
+            self.matrix.connect(row, col)
+            self.smu.pulse(amplitude, self.config.pulse_width_s, abs(count), self.config.pulse_compliance_a)
+            self.counters.pulses += abs(count)
 
     # ---- Tile operations ----------------------------------------------------------------------
     def _read_conductances(self, window: Window) -> torch.Tensor:
