@@ -17,7 +17,15 @@ from torch import nn
 
 from cim_hil.board import open_board
 from cim_hil.cli import main
-from cim_hil.deploy import DeployConfig, Deployment, apply_calibration, deploy, load_calibration, load_trained
+from cim_hil.deploy import (
+    DeployConfig,
+    Deployment,
+    apply_calibration,
+    calibrate_columns,
+    deploy,
+    load_calibration,
+    load_trained,
+)
 from cim_hil.deploy.calibrate import (
     candidate_ranges,
     choose_input_range,
@@ -140,6 +148,29 @@ def test_a_chip_trained_model_lands_on_exactly_its_trained_levels(chip_run, data
     for name, layer in named_analog_layers(analog):
         assert torch.equal(layer.levels, trained.levels[name])
     assert deployment._failures(analog) == 0
+
+
+def test_calibrated_constants_act_on_the_chip(float_run, data, tmp_path):
+    """On a noise-free 24-bit chip: a fixed input range clips the layer's inputs there, and
+    column gains with their digital output scale leave the layer's outputs as they were."""
+    trained = load_trained(float_run, tiny())
+    path = tmp_path / "ideal24.json"
+    path.write_text(make_config(**IDEAL).model_dump_json())
+    analog = convert_to_analog(trained.model, open_board(f"emulator:{path}?tiles=4"), trained.mapping)
+    layers = dict(named_analog_layers(analog))
+    host = _host_quantised(trained.model, analog)
+    images = data.test.images[:50]
+    with torch.no_grad():
+        hidden = host[:4](images)
+        limit = 0.5 * float(hidden.abs().max())
+        layers["4"].mapping.input_range = limit
+        layers["1"].mapping.input_range = 0.5  # pixels above 0.5 saturate the DAC
+        clipped = host[4](host[2:4](host[1](host[0](images).clamp(max=0.5))).clamp(max=limit))
+        assert torch.allclose(analog(images), clipped, atol=1e-3)
+        before = analog(images)
+        gains = calibrate_columns(analog, analog_weights(trained.model))
+        assert all(max(g) > 1 for g in gains.values())
+        assert torch.allclose(analog(images), before, atol=0.05 * float(before.abs().max()))
 
 
 def test_every_chip_differs_and_each_is_reproducible_from_its_seed(float_run, data):

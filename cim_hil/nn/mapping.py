@@ -258,17 +258,23 @@ class TileMapping:
 
     def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample of ``x`` scaled to the DAC's full range, as the host driver of the chip
-        does, as codes; and each sample's peak (N, 1), which scales its outputs back."""
+        does, as codes; and each sample's peak (N, 1), which scales its outputs back. With a
+        calibrated ``input_range``, every sample is scaled by it and the DAC saturates beyond."""
         peak = x.abs().reshape(len(x), -1).amax(dim=1, keepdim=True).clamp_min(1e-12)
         # A NaN or infinity anywhere in a sample shows in its peak (amax propagates NaN).
         require_finite(peak, "the layer's inputs contain")
+        if self.input_range is not None:
+            return input_codes(x.cpu() / self.input_range, self.spec.input_bits), torch.full_like(peak, self.input_range)
         scale = peak.view(-1, *([1] * (x.ndim - 1)))
         return input_codes(x.cpu() / scale.cpu(), self.spec.input_bits, clamp=False), peak
 
     def _scaled(self, currents: torch.Tensor, peak: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Output currents (uA) back in weight units, times each row's input peak, plus bias."""
+        """Output currents (uA) back in weight units, times each row's input peak (and each
+        column's ``output_scale``), plus bias."""
         back = self.scale / self.spec.v_read  # uA per unit of normalised input -> weight units
         peak = peak.to(currents.device)
+        if self.output_scale is not None:
+            peak = peak * self.output_scale.to(currents.device)  # (n, out_features)
         if bias is None:
             return currents * (peak * back)
         return torch.addcmul(bias.to(currents.device), currents, peak, value=back)
