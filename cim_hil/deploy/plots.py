@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_accuracy_histogram(report: dict, path: Path) -> Path:
@@ -27,6 +28,8 @@ def plot_accuracy_histogram(report: dict, path: Path) -> Path:
     kind = "chip-trained" if report["chip_trained"] else "float-trained"
     axis.set(xlabel="test accuracy (%)", ylabel="chips",
              title=f"{kind} model on {len(rows)} fresh chips ({report['test_digits']} test digits)")
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.margins(x=0.05)
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
     figure.tight_layout()
