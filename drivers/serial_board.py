@@ -22,11 +22,12 @@ import serial
 import torch
 
 from cim_hil.board import Board
-from cim_hil.config import LinkConfig
 from cim_hil.codes import input_codes
+from cim_hil.config import LinkConfig
 from cim_hil.errors import BoardError, ConfigError, UnsafeValueError
 from cim_hil.layer_products import Convolution, LayerCut, products_of_blocks
-from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
+from cim_hil.tile import Counters, ProgramResult, Tile, Window
+from drivers.board_info import spec_from_info
 from drivers.link import BoardRefused, Link
 from firmware_protocol import messages as m
 from firmware_protocol.codes import CodeFormat
@@ -41,18 +42,7 @@ class SerialTile(Tile):
 
     def __init__(self, link: Link, index: int, info: m.Info) -> None:
         self.link, self.index, self.board_info = link, index, info
-        self.spec = TileSpec(
-            rows=info.rows,
-            cols=info.cols,
-            input_bits=info.input_bits,
-            output_bits=info.output_bits,
-            g_min_us=info.g_min_us,
-            g_max_us=info.g_max_us,
-            levels=info.levels,
-            v_read=info.v_read,
-            max_pulses_per_call=info.max_pulses_per_call,
-            capabilities=frozenset(Capability(bit.name) for bit in m.Capabilities if info.capabilities & bit),
-        )
+        self.spec = spec_from_info(info)
         self._input_dtype = np.int8 if info.input_bits <= 8 else np.int16
 
     @property
@@ -64,14 +54,6 @@ class SerialTile(Tile):
             transpose_products=reply.transpose_products, pulses=reply.pulses, device_reads=reply.device_reads,
             verify_trials=reply.verify_trials, energy_nj=reply.energy_nj,
         )
-
-    @property
-    def default_tolerance_us(self) -> float:
-        return self.board_info.default_tolerance_us
-
-    @property
-    def default_max_trials(self) -> int:
-        return self.board_info.default_max_trials
 
     # ---- products -------------------------------------------------------------------------
     def _products(self, x: torch.Tensor, transpose: bool, outputs: int) -> torch.Tensor:
@@ -171,8 +153,9 @@ class SerialTile(Tile):
         cls, tiles: list[SerialTile], devices: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor,
         tolerance_us: float, max_trials: int,
     ) -> ProgramResult:
-        """One PROGRAM_DEVICES for the named devices of every tile: targets as level indices
-        where each is exactly a level's conductance, a compact report back."""
+        """One PROGRAM_DEVICES for the named devices of every tile (several, each of whole
+        arrays, past what one message holds): targets as level indices where each is exactly
+        a level's conductance, a compact report back."""
         first = tiles[0]
         if max_trials > MAX_REPORTED_TRIALS or any(tile.link is not first.link for tile in tiles):
             return super()._program_devices(tiles, devices, targets, reference, tolerance_us, max_trials)
@@ -188,17 +171,39 @@ class SerialTile(Tile):
             wire_targets = levels.numpy().astype(np.uint8 if spec.levels <= 256 else np.uint16)
         else:
             wire_targets = chosen.numpy().astype(np.float32)
-        request = m.ProgramDevices(max_trials, tolerance_us, board_tiles[order].numpy().astype(np.uint16),
-                                   arrays[order].numpy().astype(np.uint8), places[order].numpy().astype(np.uint16),
-                                   wire_targets)
-        reply = first.link.request(request, m.DevicesReport, reply_size=4 + 3 * len(devices) + (len(devices) + 7) // 8)
-        if len(reply.reached_codes) != len(devices):
-            raise BoardError(f"board on {first.link.name} reported {len(reply.reached_codes)} devices of {len(devices)}")
+        sorted_tiles, sorted_arrays, sorted_places = (values[order] for values in (board_tiles, arrays, places))
         reached, trials, failed = (torch.empty(len(devices), dtype=dtype) for dtype in (torch.float32, torch.int64, torch.bool))
-        reached[order] = torch.from_numpy(reply.reached_codes.astype(np.float32)) * first.board_info.read_lsb_us
-        trials[order] = torch.from_numpy(reply.trials.astype(np.int64))
-        failed[order] = torch.from_numpy(reply.failed)
+        # Half a message (SPEC.md §2) of places and targets per request: the report (3 bytes and a
+        # bit a device) and the groups' headers fit the same.
+        per_request = (m.MAX_MESSAGE // 2) // (2 + wire_targets.itemsize)
+        for start, end in _parts_of_whole_arrays(sorted_tiles * 2 + sorted_arrays, per_request):
+            request = m.ProgramDevices(max_trials, tolerance_us, sorted_tiles[start:end].numpy().astype(np.uint16),
+                                       sorted_arrays[start:end].numpy().astype(np.uint8),
+                                       sorted_places[start:end].numpy().astype(np.uint16), wire_targets[start:end])
+            count = end - start
+            reply = first.link.request(request, m.DevicesReport, reply_size=4 + 3 * count + (count + 7) // 8)
+            if len(reply.reached_codes) != count:
+                raise BoardError(f"board on {first.link.name} reported {len(reply.reached_codes)} devices of {count}")
+            chosen_places = order[start:end]
+            reached[chosen_places] = torch.from_numpy(reply.reached_codes.astype(np.float32)) * first.board_info.read_lsb_us
+            trials[chosen_places] = torch.from_numpy(reply.trials.astype(np.int64))
+            failed[chosen_places] = torch.from_numpy(reply.failed)
         return ProgramResult(reached, trials, failed, tolerance_us)
+
+
+def _parts_of_whole_arrays(arrays: torch.Tensor, limit: int) -> list[tuple[int, int]]:
+    """(start, end) parts of devices sorted by ``arrays`` (tile x 2 + array), each at most
+    ``limit`` devices unless one array has more, never splitting an array: each array's
+    devices are then programmed in one request, drawing its noise as it would in one call."""
+    if len(arrays) <= limit:
+        return [(0, len(arrays))]
+    starts = [0, *(torch.nonzero(arrays[1:] != arrays[:-1]).flatten() + 1).tolist(), len(arrays)]
+    parts, begin = [], 0
+    for at, following in zip(starts[1:], starts[2:] + [None]):
+        if following is None or following - begin > limit:
+            parts.append((begin, at))
+            begin = at
+    return parts
 
 
 class SerialBoard(Board):

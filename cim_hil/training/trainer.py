@@ -21,7 +21,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from cim_hil.board import Board, open_board
-from cim_hil.config import EmulatorConfig, SoCConfig, _Strict, validate
+from cim_hil.config import EmulatorConfig, LinkConfig, SoCConfig, Strict, validate
 from cim_hil.errors import BoardError, CimHilError
 from cim_hil.nn import MappingConfig, analog_layers, convert_to_analog
 from cim_hil.nn.placement import Placement, plan_for_board, plan_placement
@@ -41,7 +41,7 @@ PLACEMENT = "placement.json"  # where each layer's blocks sit, and which layers 
 EVAL_BATCH = 500
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     board: str = Field("emulator:", description="board URL; the emulator gets as many tiles as the model needs")
     float_baseline: bool = Field(False, description="train in float32 on the host instead")
     epochs: int = Field(3, ge=1)
@@ -58,6 +58,9 @@ class TrainConfig(_Strict):
         [], description="layers kept digital on the host (module names, as `cim-hil plan` prints them); 'auto': the "
         "largest until the rest fits the board's tiles, packed"
     )
+    link: LinkConfig | None = Field(
+        None, description="for boards on a serial line: line rate and patience (default: LinkConfig's defaults)"
+    )
     rank_boards: list[str] = Field(
         [], description="data-parallel: one board URL per rank; default: `board` with {rank} filled in, and for "
         "the emulator the seed plus the rank (another chip)"
@@ -73,16 +76,17 @@ class TrainConfig(_Strict):
 
 
 def open_board_for(model: torch.nn.Module, url: str, pack: bool | None = None,
-                   host_layers: list[str] | str = ()) -> Board:
+                   host_layers: list[str] | str = (), link: LinkConfig | None = None) -> Board:
     """Open ``url``; a bare emulator URL gets exactly the tiles the model needs (packed if
-    ``pack``; with ``host_layers`` other than ``"auto"`` kept on the host)."""
+    ``pack``; with ``host_layers`` other than ``"auto"`` kept on the host). ``link`` configures
+    a board on a serial line."""
     bare_emulator = url == "emulator:" or url.startswith("emulator:?")
     if bare_emulator and "tiles=" not in url:
         default = EmulatorConfig()
         host = () if host_layers == "auto" else tuple(host_layers)
         needed = plan_placement(model, default.soc.rows, default.soc.cols, bool(pack), host).tiles_used
         return open_board(url, EmulatorConfig(soc=SoCConfig(tiles=needed)))
-    return open_board(url)
+    return open_board(url, link)
 
 
 class Trainer:
@@ -106,7 +110,8 @@ class Trainer:
             optimizer_type = torch.optim.Adam if config.rule == "adam" else torch.optim.SGD
             self.optimizer = optimizer_type(model.parameters(), lr=config.lr)
         else:
-            self.board = open_board_for(model, self.world.board_url(config), config.pack, config.host_layers)
+            self.board = open_board_for(model, self.world.board_url(config), config.pack, config.host_layers,
+                                        config.link)
             try:
                 self.placement = plan_for_board(model, self.board, config.pack, config.host_layers)
                 self.model = convert_to_analog(model, self.board, config.mapping, self.placement)
