@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cim_hil.board import Board, open_board
-from cim_hil.config import EmulatorConfig, SoCConfig, _Strict
+from cim_hil.config import EmulatorConfig, SoCConfig, Strict
 from cim_hil.deploy.calibrate import Calibration, calibrate_columns, calibrate_input_ranges, named_analog_layers
 from cim_hil.deploy.checkpoint import TrainedModel, _mapped_layers
 from cim_hil.errors import CimHilError
@@ -35,7 +35,7 @@ HISTOGRAM = "accuracy_histogram.png"
 EVAL_BATCH = 500
 
 
-class DeployConfig(_Strict):
+class DeployConfig(Strict):
     chips: int = Field(10, ge=1, description="emulator chips to draw (a serial board is one chip per URL)")
     first_seed: int = Field(1000, ge=0, description="emulator chip k gets seed first_seed + k (the training chip: 0)")
     calibrate_columns: bool = Field(True, description="scale each column to the full conductance range")
