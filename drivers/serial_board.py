@@ -222,6 +222,10 @@ class SerialBoard(Board):
         total.link_bytes_in = self.link.stats.bytes_in
         return total
 
+    def link_traffic(self) -> dict[str, float]:
+        stats = self.link.stats
+        return {"link_seconds": stats.seconds, "link_bytes_out": stats.bytes_out, "link_bytes_in": stats.bytes_in}
+
     def info(self) -> dict[str, Any]:
         return {**super().info(), "link": self.link.stats.as_dict()}
 

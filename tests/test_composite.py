@@ -68,6 +68,8 @@ def test_a_virtual_board_plus_emulated_tiles_gives_the_numbers_of_one_emulator(s
             assert torch.equal(tile_alone.read_conductances(), tile.read_conductances())
         each = composite.member_counters()
         assert each[0].link_bytes_out > 0 and each[1].link_bytes_out == 0  # only the serial member has a link
+        assert composite.link_traffic() == composite.members[0].link_traffic()
+        assert composite.members[1].link_traffic() == {}
         total = composite.counters
         assert total.products == each[0].products + each[1].products == alone.counters.products
         assert total.cycles == alone.counters.cycles
@@ -105,3 +107,27 @@ def test_composite_urls_are_checked(served):
             assert board[0].spec.g_min_us != 7.6 and all(tile.spec == board[0].spec for tile in board)
     with pytest.raises(BoardError, match="member 1 of composite board .*nowhere"):
         open_board(f"composite:{url}|nowhere:")
+
+
+@pytest.mark.slow  # three boards programmed over their links: about 20 s on two busy cores
+def test_lenet_trains_packed_on_three_reference_socs(tmp_path):
+    from cim_hil.training import TrainConfig, Trainer
+    from cim_hil.training.mnist import load_mnist
+
+    boards = [VirtualBoard(make_config(seed=seed)) for seed in range(3)]  # three reference SoCs: 4 tiles each
+    urls = [board.open_tcp() for board in boards]
+    for board in boards:
+        board.start()
+    try:
+        config = TrainConfig(board="composite:" + "|".join(urls), epochs=1, train_limit=32, test_limit=20,
+                             batch_size=16, lr=0.05)
+        trainer = Trainer(config, load_mnist(None), tmp_path, progress=False)
+        assert trainer.placement.packed and trainer.placement.tiles_used == 12 and not trainer.placement.host
+        row = trainer.fit()[0]
+        assert row["devices_programmed"] > 0 and row["pulses"] > 0
+        each = trainer.board.member_counters()
+        assert all(counters.products > 0 and counters.link_bytes_in > 0 for counters in each)
+        trainer.board.close()
+    finally:
+        for board in boards:
+            board.stop()
