@@ -11,6 +11,7 @@ from cim_hil.errors import CimHilError
 from cim_hil.nn.config import MappingConfig
 from cim_hil.nn.layers import AnalogConv2d, AnalogLayer, AnalogLinear
 from cim_hil.nn.mapping import tiles_needed
+from cim_hil.nn.store import WeightStore
 
 
 def _shape(module: nn.Module) -> tuple[int, int]:
@@ -30,7 +31,9 @@ def count_tiles(model: nn.Module, rows: int, cols: int) -> int:
 
 def convert_to_analog(model: nn.Module, board: Board, config: MappingConfig | None = None) -> nn.Module:
     """A copy of ``model`` whose Linear and Conv2d layers run on ``board``'s tiles, one block per
-    tile, in module order. The initial weights are programmed with write-verify."""
+    tile, in module order. The initial weights are programmed with write-verify. The analog
+    layers' weights are views of one :class:`~cim_hil.nn.store.WeightStore`, which the
+    mixed-precision optimizer programs in one go."""
     config = config or MappingConfig()
     spec = board[0].spec
     needed = count_tiles(model, spec.rows, spec.cols)
@@ -41,13 +44,19 @@ def convert_to_analog(model: nn.Module, board: Board, config: MappingConfig | No
             f"(for the emulator: emulator:?tiles={needed})"
         )
     analog = copy.deepcopy(model)
+    convertible = _convertible(analog)
+    if not convertible:
+        return analog
+    shapes = [_shape(module) for _, module in convertible]
+    store = WeightStore(board.group(board.tiles[:needed]), [(out, inputs) for inputs, out in shapes],
+                        levels=config.programming == "write_verify")
     next_tile = 0
-    for name, module in _convertible(analog):
-        count = tiles_needed(*_shape(module), spec.rows, spec.cols)
-        tiles = board.tiles[next_tile : next_tile + count]
+    for index, ((name, module), shape) in enumerate(zip(convertible, shapes)):
+        count = tiles_needed(*shape, spec.rows, spec.cols)
+        group = board.group(board.tiles[next_tile : next_tile + count])
         next_tile += count
         layer_type = AnalogLinear if isinstance(module, nn.Linear) else AnalogConv2d
-        _replace(analog, name, layer_type(module, tiles, config))
+        _replace(analog, name, layer_type(module, group, config, store.part(index)))
     return analog
 
 

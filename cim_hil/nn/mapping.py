@@ -18,7 +18,8 @@ import torch
 
 from cim_hil.errors import CapabilityError, ConfigError
 from cim_hil.nn.config import MappingConfig
-from cim_hil.tile import Capability, Tile, averaged_read, products_together, program_devices, program_together, require_finite
+from cim_hil.group import TileGroup
+from cim_hil.tile import Capability, averaged_read, require_finite
 
 
 def tiles_needed(in_features: int, out_features: int, rows: int, cols: int) -> int:
@@ -26,21 +27,21 @@ def tiles_needed(in_features: int, out_features: int, rows: int, cols: int) -> i
 
 
 class LevelWrite:
-    """Write-verify of weights to new levels as one ``program_devices`` call over ``tiles``,
+    """Write-verify of weights to new levels as one ``program_places`` call of ``group``,
     which may hold several layers' blocks: a training step pays for one call, not one per
     layer. ``mapping`` gives the level conventions, which the layers must share (one tile spec
     and mapping config).
 
-    ``places`` (k,) are the weights' flat device indices in the stack of ``tiles``; ``levels``
-    their new relative levels; ``previous`` their present ones (None: program every device
-    afresh). Only devices whose level changes are programmed.
+    ``places`` (k,) are the weights' places in ``group`` (flat device indices in the stack of
+    its tiles); ``levels`` their new relative levels; ``previous`` their present ones (None:
+    program every device afresh). Only devices whose level changes are programmed.
     """
 
     def __init__(
-        self, mapping: TileMapping, tiles: list[Tile], places: torch.Tensor, levels: torch.Tensor,
+        self, mapping: TileMapping, group: TileGroup, places: torch.Tensor, levels: torch.Tensor,
         previous: torch.Tensor | None,
     ) -> None:
-        self.mapping, self.tiles = mapping, tiles
+        self.mapping, self.group = mapping, group
         self.device_levels = mapping._device_levels(levels)  # (2, k): weight devices, reference devices
         if previous is None:
             self.write = torch.ones_like(self.device_levels, dtype=torch.bool)
@@ -49,15 +50,15 @@ class LevelWrite:
             self.write = self.device_levels != mapping._device_levels(previous)
         # Row-major order: every weight device to write, then every reference device.
         reference, weight = self.write.nonzero(as_tuple=True)
-        self.devices = places.index_select(0, weight)
+        self.places = places.index_select(0, weight)
         self.reference = reference.bool()
-        self.targets_us = mapping._conductance(self.device_levels.masked_select(self.write))  # (a bool index: 2x slower)
+        self.targets_us = mapping._conductance(self.device_levels.masked_select(self.write))  # (not a bool index: slower)
 
     def run(self) -> torch.Tensor:
         """Program the devices; returns the relative levels the weights reached, read back."""
-        if not len(self.devices):
+        if not len(self.places):
             return self._levels_reached(torch.empty(0))
-        result = program_devices(self.tiles, self.devices, self.targets_us, self.reference)
+        result = self.group.program_places(self.places, self.targets_us, self.reference)
         return self._levels_reached(result.reached_us.cpu())
 
     def _levels_reached(self, reached_us: torch.Tensor) -> torch.Tensor:
@@ -68,16 +69,27 @@ class LevelWrite:
 
 
 class TileMapping:
+    """One logical (out_features, in_features) weight matrix on a ``group`` of tiles: where each
+    weight sits, the weight <-> level <-> conductance conventions (W = (G - G_ref) * scale),
+    and the layer's products and programming through the group.
+
+    ``initial`` (the weights to start from) sets ``scale``: its largest magnitude takes
+    ``config.weight_fill`` of the conductance range either side of the reference.
+    """
+
     def __init__(
-        self, in_features: int, out_features: int, tiles: list[Tile], config: MappingConfig, initial: torch.Tensor
+        self, in_features: int, out_features: int, group: TileGroup, config: MappingConfig, initial: torch.Tensor
     ) -> None:
-        spec = tiles[0].spec
+        spec = group.spec
         self.spec, self.config = spec, config
         self.in_features, self.out_features = in_features, out_features
         self.row_blocks = math.ceil(in_features / spec.rows)
         self.col_blocks = math.ceil(out_features / spec.cols)
-        assert len(tiles) == self.row_blocks * self.col_blocks
-        self.tiles = tiles
+        if len(group) != self.row_blocks * self.col_blocks:
+            raise ConfigError(f"a {out_features}x{in_features} matrix takes {self.row_blocks * self.col_blocks} "
+                              f"tiles of {spec.rows}x{spec.cols}, the group has {len(group)}")
+        self.group = group
+        self.tiles = group.tiles
         self._check_capabilities()
         top = spec.levels - 1
         self.spacing = spec.level_spacing_us
@@ -182,7 +194,7 @@ class TileMapping:
 
         Returns the relative levels the devices actually reached, read back after verify.
         """
-        write = LevelWrite(self, self.tiles, self.device_index.view(-1), levels.reshape(-1),
+        write = LevelWrite(self, self.group, self.device_index.view(-1), levels.reshape(-1),
                            previous.reshape(-1) if previous is not None else None)
         return write.run().view_as(levels)
 
@@ -206,10 +218,10 @@ class TileMapping:
             reference = torch.full_like(weights, middle)
             if self.spec.supports(Capability.REFERENCE):
                 everywhere = torch.full((len(self.tiles), self.spec.rows, self.spec.cols), middle)
-                program_together(self.tiles, everywhere, reference=True)
+                self.group.program_reference(everywhere)
         targets = (reference + weights / self.scale).clamp(self.spec.g_min_us, self.spec.g_max_us)
         used = self._to_tiles(torch.ones_like(targets, dtype=torch.bool), False)
-        program_together(self.tiles, self._to_tiles(targets, self.spec.g_min_us), used)
+        self.group.program_verify(self._to_tiles(targets, self.spec.g_min_us), used)
         return (targets - reference) * self.scale
 
     # ---- products -------------------------------------------------------------------------
@@ -245,7 +257,7 @@ class TileMapping:
         if way.kept > 1:  # tile (r, c) takes block c (transposed) or r
             grid = inputs.unsqueeze(0) if transpose else inputs.unsqueeze(1)
             inputs = grid.expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
-        currents = products_together(self.tiles, inputs, way.outputs, transpose, normalised=True).cpu()
+        currents = self._products_in_range(inputs, way.outputs, transpose)
         # (n, kept, summed, width): summing the blocks writes the kept ones side by side, no copy.
         grid = currents.view(self.row_blocks, self.col_blocks, n, -1).permute(2, 1 - way.summed, way.summed, 3)
         out = (grid.sum(2) if way.blocks > 1 else grid[:, :, 0]).reshape(n, -1)[:, : way.features]
@@ -253,6 +265,12 @@ class TileMapping:
         peak = peak.to(out.device)
         out = out * (peak * back) if bias is None else torch.addcmul(bias.to(out.device), out, peak, value=back)
         return out.to(x.device, x.dtype)
+
+    def _products_in_range(self, inputs: torch.Tensor, outputs: list[int], transpose: bool) -> torch.Tensor:
+        """The group's products of ``inputs`` this mapping has built itself: (tiles, n, k) by
+        construction, each sample scaled into [-1, 1] and its peak checked finite (on a tensor
+        far smaller than the inputs), so neither is checked nor clamped again."""
+        return self.group._products(inputs, outputs, transpose, in_range=True).cpu()
 
 
 @dataclass(frozen=True)
