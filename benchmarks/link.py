@@ -18,7 +18,7 @@ import torch
 
 from cim_hil import open_board
 from cim_hil.config import LinkConfig
-from drivers.virtual_board import VirtualBoard
+from drivers.simulators.virtual_board import VirtualBoard
 
 BAUD = 921600
 LINE_BYTES_PER_S = BAUD / 10

@@ -28,3 +28,7 @@ class CapabilityError(CimHilError):
 
 class BoardError(CimHilError):
     """A board could not be opened or stopped answering."""
+
+
+class PlacementError(CimHilError):
+    """A model's layers do not fit the board's tiles; the message lists the ways out."""

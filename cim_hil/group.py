@@ -8,7 +8,9 @@ version, one tile after the other through the tiles' own hooks; a backend that c
 compare with this one bit for bit.
 
 Shapes: a group of n tiles of ``rows x cols`` takes inputs (n, batch, k), one block per tile,
-and programs targets (n, rows, cols). A place is a device's flat index in that stack.
+and programs targets (n, rows, cols). A place is a device's flat index in that stack. A group
+may name a tile more than once (blocks of several layers packed on one tile, each on its
+window); such a group runs products only, since one array must not be written twice in a call.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from cim_hil.errors import ShapeError
-from cim_hil.tile import Capability, ProgramResult, Tile, require_finite
+from cim_hil.tile import Capability, ProgramResult, Tile, Window, require_finite
 
 if TYPE_CHECKING:
     from cim_hil.board import Board
@@ -35,29 +37,40 @@ class TileGroup:
         spec = tiles[0].spec
         if any(tile.spec is not spec and tile.spec != spec for tile in tiles):
             raise ShapeError("the tiles of a group must share one spec (tiles of one board)")
-        if len({id(tile) for tile in tiles}) != len(tiles):
-            raise ShapeError("a tile appears more than once in the group")
         self.tiles, self.spec, self.board = tiles, spec, board
+        self.distinct = len({id(tile) for tile in tiles}) == len(tiles)
         self.places = len(tiles) * spec.rows * spec.cols
 
     def __len__(self) -> int:
         return len(self.tiles)
 
     # ---- products -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, outputs: Sequence[int] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, outputs: Sequence[int] | None = None, windows: Sequence[Window] | None = None,
+    ) -> torch.Tensor:
         """Tile i's column currents (uA) for inputs ``x[i]``: ``x`` is (tiles, batch, k), k <=
         rows, and tile i converts its first ``outputs[i]`` columns (all if None). Returns
-        (tiles, batch, max(outputs)), zero beyond each tile's outputs."""
+        (tiles, batch, max(outputs)), zero beyond each tile's outputs.
+
+        ``windows`` (one (row_start, row_stop, col_start, col_stop) per tile) runs entry i on a
+        window of its tile, as ``forward(x, outputs, origin)`` would: its first inputs drive the
+        window's rows, those beyond the window are ignored, every other row is held at 0 V,
+        and its outputs are converted from the window's first column.
+        """
         if not self.spec.supports(Capability.COMPUTED_PRODUCTS):
             self._require(Capability.ANALOG_PRODUCTS)
-        return self._checked_products(x, outputs, transpose=False)
+        return self._checked_products(x, outputs, False, windows)
 
-    def backward(self, d: torch.Tensor, outputs: Sequence[int] | None = None) -> torch.Tensor:
+    def backward(
+        self, d: torch.Tensor, outputs: Sequence[int] | None = None, windows: Sequence[Window] | None = None,
+    ) -> torch.Tensor:
         """Row currents for column inputs, as :meth:`forward` with rows and columns swapped."""
         self._require(Capability.TRANSPOSE)
-        return self._checked_products(d, outputs, transpose=True)
+        return self._checked_products(d, outputs, True, windows)
 
-    def _checked_products(self, x: torch.Tensor, outputs: Sequence[int] | None, transpose: bool) -> torch.Tensor:
+    def _checked_products(
+        self, x: torch.Tensor, outputs: Sequence[int] | None, transpose: bool, windows: Sequence[Window] | None,
+    ) -> torch.Tensor:
         width, widths = (self.spec.cols, self.spec.rows) if transpose else (self.spec.rows, self.spec.cols)
         x = torch.as_tensor(x)
         if x.ndim != 3 or x.shape[0] != len(self) or not 1 <= x.shape[2] <= width:
@@ -67,8 +80,40 @@ class TileGroup:
         if len(outputs) != len(self):
             raise ShapeError(f"outputs must give one width per tile ({len(self)}), got {len(outputs)}")
         outputs = [Tile._outputs(width, widths) for width in outputs]
+        if windows is not None:
+            if len(windows) != len(self):
+                raise ShapeError(f"windows must give one window per tile ({len(self)}), got {len(windows)}")
+            windows = [tile._window(window) for tile, window in zip(self.tiles, windows)]
+            for (r0, r1, c0, c1), width in zip(windows, outputs):
+                if width > ((r1 - r0) if transpose else (c1 - c0)):
+                    raise ShapeError(f"{width} outputs do not fit the window {(r0, r1, c0, c1)}")
         require_finite(x, "inputs contain")
-        return self._products(x, outputs, transpose, in_range=False)
+        return self._products_on(x, outputs, transpose, False, windows)
+
+    def _products_on(
+        self, x: torch.Tensor, outputs: list[int], transpose: bool, in_range: bool, windows: list[Window] | None,
+    ) -> torch.Tensor:
+        """Products of checked inputs on checked ``windows`` (whole tiles if None): each entry's
+        inputs padded with zeros up to its window, its outputs converted up to the window's end
+        and the ones before it dropped, as a lone tile's windowed product (``pad_inputs``)."""
+        if windows is None:
+            return self._products(x, outputs, transpose, in_range)
+        k = x.shape[2]
+        starts, firsts, driven = [], [], []
+        for (r0, r1, c0, c1) in windows:
+            (start, stop), first = ((c0, c1), r0) if transpose else ((r0, r1), c0)
+            starts.append(start)
+            firsts.append(first)
+            driven.append(min(k, stop - start))
+        padded = x.new_zeros(len(self), x.shape[1], max(s + d for s, d in zip(starts, driven)))
+        for entry, inputs, start, count in zip(padded, x, starts, driven):
+            entry[:, start : start + count] = inputs[:, :count]
+        wide = [first + width for first, width in zip(firsts, outputs)]
+        result = self._products(padded, wide, transpose, in_range)
+        out = result.new_zeros(len(self), x.shape[1], max(outputs))
+        for index, (first, width) in enumerate(zip(firsts, outputs)):
+            out[index, :, :width] = result[index, :, first : first + width]
+        return out
 
     def _products(self, x: torch.Tensor, outputs: list[int], transpose: bool, in_range: bool) -> torch.Tensor:
         """The backend hook for products of checked inputs. ``in_range``: the caller has put
@@ -89,6 +134,7 @@ class TileGroup:
         ``targets_us[i]``; both (tiles, rows, cols). Every target is checked before any tile is
         programmed; the result stacks the tiles' (NaN reads where nothing was asked)."""
         self._require(Capability.WRITE_VERIFY)
+        self._require_distinct()
         return self._program_masked(targets_us, mask, False, tolerance_us, max_trials)
 
     def program_reference(
@@ -97,6 +143,7 @@ class TileGroup:
     ) -> ProgramResult:
         """As :meth:`program_verify`, for the tiles' reference devices (zero-shifting)."""
         self._require(Capability.REFERENCE)
+        self._require_distinct()
         return self._program_masked(targets_us, mask, True, tolerance_us, max_trials)
 
     def program_places(
@@ -112,6 +159,7 @@ class TileGroup:
         place, in the order given. A training step programs a few hundred devices spread over
         every tile of a model: naming them costs a fraction of sending whole tiles with masks.
         """
+        self._require_distinct()
         places = torch.as_tensor(places)
         targets = torch.as_tensor(targets_us).to(torch.float32)
         if places.ndim != 1 or places.is_floating_point() or places.dtype == torch.bool:
@@ -174,6 +222,11 @@ class TileGroup:
 
     def _require(self, capability: Capability) -> None:
         self.tiles[0]._require(capability)
+
+    def _require_distinct(self) -> None:
+        if not self.distinct:
+            raise ShapeError("this group names a tile more than once: it runs products only (one array must not "
+                             "be written twice in one call); program through a group of distinct tiles")
 
 
 def program_masked(

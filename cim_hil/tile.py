@@ -124,24 +124,38 @@ class Tile(ABC):
     counters: Counters
 
     # ---- products -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, outputs: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, outputs: int | None = None, origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """Column currents (uA) of shape (batch, outputs) for a batch of row inputs ``x``.
 
-        ``x`` has shape (batch, k), k <= rows: rows 0..k-1 are driven, the others held at 0 V.
-        Only columns 0..outputs-1 (all if None) are converted, as the periphery converts only
-        the columns asked for: a layer smaller than the tile pays for the part it uses.
+        ``x`` has shape (batch, k): rows r..r+k-1 are driven, the others held at 0 V, where
+        ``origin`` = (r, c) is the corner of the window the product runs on (a block packed
+        beside others on the tile). Only columns c..c+outputs-1 (to the tile's edge if None) are
+        converted, as the periphery converts only the columns asked for: a layer smaller than
+        the tile pays for the part it uses.
         """
         if not self.spec.supports(Capability.COMPUTED_PRODUCTS):
             self._require(Capability.ANALOG_PRODUCTS)
-        x = self._batch(x, self.spec.rows, "forward input")
-        return self._forward(x, self._outputs(outputs, self.spec.cols))
+        return self._windowed(x, outputs, origin, transpose=False)
 
-    def backward(self, d: torch.Tensor, outputs: int | None = None) -> torch.Tensor:
+    def backward(self, d: torch.Tensor, outputs: int | None = None, origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """Row currents (uA) of shape (batch, outputs) for column inputs ``d`` of shape
-        (batch, k), k <= cols; as :meth:`forward` with rows and columns swapped."""
+        (batch, k), driving columns c..c+k-1 and converting rows r..r+outputs-1 where
+        ``origin`` = (r, c); as :meth:`forward` with rows and columns swapped."""
         self._require(Capability.TRANSPOSE)
-        d = self._batch(d, self.spec.cols, "backward input")
-        return self._backward(d, self._outputs(outputs, self.spec.rows))
+        return self._windowed(d, outputs, origin, transpose=True)
+
+    def _windowed(self, x: torch.Tensor, outputs: int | None, origin: tuple[int, int], transpose: bool) -> torch.Tensor:
+        rows, cols = (self.spec.cols, self.spec.rows) if transpose else (self.spec.rows, self.spec.cols)
+        start, first = (int(origin[1]), int(origin[0])) if transpose else (int(origin[0]), int(origin[1]))
+        if not (0 <= start < rows and 0 <= first < cols):
+            raise ShapeError(f"origin {tuple(origin)} lies outside the {self.spec.rows}x{self.spec.cols} tile")
+        what = "backward input" if transpose else "forward input"
+        x = self._batch(x, rows - start, what + f" at origin {tuple(origin)}" if start else what)
+        width = self._outputs(outputs if outputs is not None else cols - first, cols - first)
+        product = self._backward if transpose else self._forward
+        if not (start or first):
+            return product(x, width)
+        return product(pad_inputs(x, start), first + width)[:, first:]
 
     # ---- conductances ---------------------------------------------------------------------
     def read_conductances(self, window: Window | None = None) -> torch.Tensor:
@@ -295,6 +309,16 @@ class Tile(ABC):
         if trials < 1:
             raise UnsafeValueError(f"max_trials must be at least 1, got {max_trials}")
         return tolerance, trials
+
+
+def pad_inputs(x: torch.Tensor, start: int) -> torch.Tensor:
+    """``x`` (batch, k) on lines start..start+k-1 of a product: the ``start`` lines before it
+    driven with zeros, i.e. held at 0 V. A window's product is this padded product with the
+    outputs before the window dropped, on every backend, so a virtual board and the emulator
+    agree on it to the bit; a board whose firmware takes a window saves the padding's bytes."""
+    padded = x.new_zeros(x.shape[0], start + x.shape[1])
+    padded[:, start:] = x
+    return padded
 
 
 def require_finite(x: torch.Tensor, subject: str) -> None:

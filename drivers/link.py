@@ -177,8 +177,8 @@ class Link:
                         f"the link on {self.name} echoes what it is sent (loop:// or a loopback plug?); "
                         "no board is answering"
                     )
-                if frame.type == Error.TYPE and frame.seq == 0:
-                    return None  # BAD_CRC from the board: treat as a timeout, re-send now
+                if frame.type == Error.TYPE and frame.payload[:1] == bytes([ErrorCode.BAD_CRC]):
+                    return None  # never an answer, whatever its seq (SPEC.md §3): re-send now
                 if frame.seq != sent.seq or not frame.type & 0x80:
                     self.stats.stale_frames += 1
                     continue

@@ -74,9 +74,13 @@ class SerialTile(Tile):
     def _products(self, x: torch.Tensor, transpose: bool, outputs: int) -> torch.Tensor:
         codes = input_codes(x.to(torch.float32), self.spec.input_bits).numpy().astype(self._input_dtype)
         lsb = self.board_info.backward_lsb_ua if transpose else self.board_info.forward_lsb_ua
+        # Both the request and its reply must fit MAX_MESSAGE (SPEC.md §2).
+        out_bytes = 1 if self.spec.output_bits <= 8 else 2
+        per_request = max(1, min(MAX_BATCH, (m.MAX_MESSAGE - 8) // (codes.shape[1] * codes.itemsize),
+                                 (m.MAX_MESSAGE - 6) // (outputs * out_bytes)))
         parts = []
-        for start in range(0, max(len(codes), 1), MAX_BATCH):
-            request = m.Forward(self.index, transpose, codes[start : start + MAX_BATCH], outputs)
+        for start in range(0, max(len(codes), 1), per_request):
+            request = m.Forward(self.index, transpose, codes[start : start + per_request], outputs)
             reply = self.link.request(request, m.Products)
             parts.append(torch.from_numpy(reply.codes.astype(np.float32)) * lsb)
         return torch.cat(parts)

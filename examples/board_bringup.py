@@ -13,7 +13,7 @@ from pathlib import Path
 from calibration.plots import plot_conductance_map
 from cim_hil import open_board
 from cim_hil.errors import CimHilError
-from drivers.virtual_board import VirtualBoard
+from drivers.simulators.virtual_board import VirtualBoard
 
 url = sys.argv[1] if len(sys.argv) > 1 else None
 index = int(sys.argv[2]) if len(sys.argv) > 2 else 0

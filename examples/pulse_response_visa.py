@@ -15,7 +15,7 @@ from cim_hil import open_board
 from cim_hil.config import EmulatorConfig
 from cim_hil.errors import CimHilError
 from drivers.instrument_board import InstrumentBoardConfig
-from drivers.scpi_simulator import SimulatedProbeStation
+from drivers.simulators.scpi_simulator import SimulatedProbeStation
 
 station = None
 if len(sys.argv) >= 3:

@@ -68,8 +68,10 @@ def encode_frame(frame: Frame) -> bytes:
     return DELIMITER + cobs.encode(body + CRC.pack(crc16(body))) + DELIMITER
 
 
-def decode_frame(encoded: bytes) -> Frame:
-    """One frame from the bytes between two delimiters (without them)."""
+def decode_frame(encoded: bytes, speaks: int | None = VERSION) -> Frame:
+    """One frame from the bytes between two delimiters (without them). ``speaks`` None
+    accepts a frame of any version: the header is the same in all of them, and a board must
+    see a foreign frame to answer it (SPEC.md §1)."""
     try:
         raw = cobs.decode(encoded)
     except cobs.DecodeError as error:
@@ -81,8 +83,8 @@ def decode_frame(encoded: bytes) -> Frame:
         raise CrcError(f"CRC mismatch: computed {crc16(body):#06x}, received {received_crc:#06x}")
     version, kind, seq, flags, length = HEADER.unpack(body[: HEADER.size])
     payload = body[HEADER.size :]
-    if version != VERSION:
-        raise VersionError(f"protocol version {version}; this side speaks {VERSION}")
+    if speaks is not None and version != speaks:
+        raise VersionError(f"protocol version {version}; this side speaks {speaks}")
     if length > MAX_PAYLOAD:
         raise BadLengthError(f"length field {length} exceeds MAX_PAYLOAD ({MAX_PAYLOAD})")
     if length != len(payload):
@@ -99,7 +101,8 @@ class FrameDecoder:
     never makes the buffer unbounded.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, speaks: int | None = VERSION) -> None:
+        self.speaks = speaks  # as decode_frame's: None passes frames of every version
         self._buffer = bytearray()
         self._overflowed = False
         self.rejected = 0
@@ -111,7 +114,7 @@ class FrameDecoder:
             if not chunk:
                 continue  # back-to-back delimiters
             try:
-                frames.append(decode_frame(chunk))
+                frames.append(decode_frame(chunk, self.speaks))
             except ProtocolError as error:
                 self.rejected += 1
                 self.last_error = error

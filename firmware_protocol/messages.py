@@ -452,6 +452,11 @@ class Error(Message):
         return cls(code, request_type, text)
 
 
+def is_request(type_code: int) -> bool:
+    """Whether a board executes messages of this type (SPEC.md §4: requests are 0x01-0x3F)."""
+    return type_code in REGISTRY and not type_code & 0x80
+
+
 def decode_message(type_code: int, payload: bytes) -> Message:
     """The typed message of a reassembled payload; only ProtocolError subclasses escape."""
     cls = REGISTRY.get(type_code)
@@ -476,10 +481,17 @@ def fragments(message: Message, first_seq: int, max_payload: int = MAX_PAYLOAD) 
     ]
 
 
-class Reassembler:
-    """Collects the fragments of one message; ``add`` returns the message when it is whole."""
+MAX_MESSAGE = 1 << 20  # the largest reassembled payload, either direction (SPEC.md §2)
 
-    def __init__(self, limit: int = 64 * 1024 * 1024) -> None:
+
+class Reassembler:
+    """Collects the fragments of one message; ``add`` returns the message when it is whole.
+
+    A fragment is refused (and the partial message dropped) as soon as the message cannot be
+    valid: an unknown type at its first fragment, an empty fragment with MORE, or more than
+    ``limit`` bytes in all (SPEC.md §2)."""
+
+    def __init__(self, limit: int = MAX_MESSAGE) -> None:
         self.limit = limit
         self._type: int | None = None
         self._parts: list[bytes] = []
@@ -489,6 +501,12 @@ class Reassembler:
         if self._type is not None and frame.type != self._type:
             self.reset()
             raise PayloadError(f"fragment of type {frame.type:#04x} inside a message of type {self._type:#04x}")
+        if frame.type not in REGISTRY:
+            self.reset()
+            raise UnknownMessageError(f"unknown message type {frame.type:#04x}")
+        if frame.more and not frame.payload:
+            self.reset()
+            raise PayloadError("an empty fragment with MORE set: every fragment but the last carries data")
         self._type = frame.type
         self._parts.append(frame.payload)
         self._size += len(frame.payload)

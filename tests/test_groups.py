@@ -146,8 +146,9 @@ def test_bad_groups_and_bad_device_writes_are_refused_before_any_device_moves():
     other = build_emulator(make_config(soc=dict(tiles=1, rows=8, cols=8)))
     with pytest.raises(BoardError, match="tiles of the board"):
         board.group([board[0], other[0]])
-    with pytest.raises(ShapeError, match="more than once"):
-        board.group([board[0], board[0]])
+    twice = board.group([board[0], board[0]])  # packed blocks of one tile: products only
+    with pytest.raises(ShapeError, match="products only"):
+        twice.program_verify(torch.full((2, 8, 8), 20.0))
     with pytest.raises(ShapeError, match="one emulated board"):
         EmulatedGroup([board[0], other[0]])
 

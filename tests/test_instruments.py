@@ -14,7 +14,7 @@ from cim_hil.errors import BoardError, CapabilityError, ConfigError, UnsafeValue
 from cim_hil.nn import MappingConfig, convert_to_analog
 from drivers.instrument_board import InstrumentBoardConfig
 from drivers.instruments import Keithley2400Graphical, KeysightB2900, SafetyLimits, SwitchMatrix, open_smu
-from drivers.scpi_simulator import SimulatedProbeStation
+from drivers.simulators.scpi_simulator import SimulatedProbeStation
 
 from .conftest import make_config
 

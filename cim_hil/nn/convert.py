@@ -7,56 +7,55 @@ import copy
 from torch import nn
 
 from cim_hil.board import Board
-from cim_hil.errors import CimHilError
+from cim_hil.errors import PlacementError
 from cim_hil.nn.config import MappingConfig
 from cim_hil.nn.layers import AnalogConv2d, AnalogLayer, AnalogLinear
-from cim_hil.nn.mapping import tiles_needed
+from cim_hil.nn.placement import Placement, layer_shapes, plan_placement
 from cim_hil.nn.store import WeightStore
 
 
-def _shape(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return module.in_channels * module.kernel_size[0] * module.kernel_size[1], module.out_channels
+def count_tiles(model: nn.Module, rows: int, cols: int, pack: bool = False) -> int:
+    """How many rows x cols tiles the Linear and Conv2d layers of ``model`` need (one block
+    per tile, or packed)."""
+    return plan_placement(model, rows, cols, pack=pack).tiles_used
 
 
-def _convertible(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
-def count_tiles(model: nn.Module, rows: int, cols: int) -> int:
-    """How many rows x cols tiles the Linear and Conv2d layers of ``model`` need."""
-    return sum(tiles_needed(*_shape(m), rows, cols) for _, m in _convertible(model))
-
-
-def convert_to_analog(model: nn.Module, board: Board, config: MappingConfig | None = None) -> nn.Module:
-    """A copy of ``model`` whose Linear and Conv2d layers run on ``board``'s tiles, one block per
-    tile, in module order. The initial weights are programmed with write-verify. The analog
-    layers' weights are views of one :class:`~cim_hil.nn.store.WeightStore`, which the
-    mixed-precision optimizer programs in one go."""
+def convert_to_analog(
+    model: nn.Module, board: Board, config: MappingConfig | None = None, placement: Placement | None = None
+) -> nn.Module:
+    """A copy of ``model`` whose Linear and Conv2d layers run on ``board``'s tiles where
+    ``placement`` puts them (default: one block per tile, in module order); layers the plan
+    keeps on the host stay as they are. The initial weights are programmed with write-verify.
+    The analog layers' weights are views of one :class:`~cim_hil.nn.store.WeightStore`, which
+    the mixed-precision optimizer programs in one go."""
     config = config or MappingConfig()
     spec = board[0].spec
-    needed = count_tiles(model, spec.rows, spec.cols)
-    if needed > len(board):
-        raise CimHilError(
-            f"the model needs {needed} tiles of {spec.rows}x{spec.cols}, the board at {board.url} "
-            f"has {len(board)}; use a board with at least {needed} tiles "
-            f"(for the emulator: emulator:?tiles={needed})"
-        )
+    if placement is None:
+        placement = plan_placement(model, spec.rows, spec.cols, pack=False, tiles=len(board), where=f"the board at {board.url}")
+    elif (placement.rows, placement.cols) != (spec.rows, spec.cols):
+        raise PlacementError(f"the placement is for tiles of {placement.rows}x{placement.cols}, the board at "
+                             f"{board.url} has {spec.rows}x{spec.cols}")
+    elif placement.tiles_used > len(board):
+        raise PlacementError(f"the placement uses {placement.tiles_used} tiles, the board at {board.url} has {len(board)}")
+    if [shape.name for shape in placement.layers] != [shape.name for shape in layer_shapes(model)]:
+        raise PlacementError("the placement was made for another model (its layers differ)")
     analog = copy.deepcopy(model)
-    convertible = _convertible(analog)
-    if not convertible:
+    converted = [(name, m) for name, m in analog.named_modules()
+                 if isinstance(m, (nn.Linear, nn.Conv2d)) and name not in placement.host]
+    if not converted:
         return analog
-    shapes = [_shape(module) for _, module in convertible]
-    store = WeightStore(board.group(board.tiles[:needed]), [(out, inputs) for inputs, out in shapes],
+    shapes = {shape.name: shape for shape in placement.layers}
+    store = WeightStore(board.group(board.tiles[: placement.tiles_used]),
+                        [(shapes[name].outputs, shapes[name].inputs) for name, _ in converted],
                         levels=config.programming == "write_verify")
-    next_tile = 0
-    for index, ((name, module), shape) in enumerate(zip(convertible, shapes)):
-        count = tiles_needed(*shape, spec.rows, spec.cols)
-        group = board.group(board.tiles[next_tile : next_tile + count])
-        next_tile += count
+    for index, (name, module) in enumerate(converted):
+        blocks = placement.blocks_of(name)
+        tile_indices = list(dict.fromkeys(block.tile for block in blocks))  # distinct, in order of first use
+        spots = [(tile_indices.index(block.tile), block.row, block.col) for block in blocks]
         layer_type = AnalogLinear if isinstance(module, nn.Linear) else AnalogConv2d
-        _replace(analog, name, layer_type(module, group, config, store.part(index)))
+        group = board.group([board.tiles[i] for i in tile_indices])
+        _replace(analog, name, layer_type(module, group, config, spots, not placement.shares_tiles(name),
+                                          store.part(index)))
     return analog
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from cim_hil.errors import CimHilError
 from cim_hil.group import TileGroup
 from cim_hil.nn.config import MappingConfig
-from cim_hil.nn.mapping import TileMapping
+from cim_hil.nn.mapping import Spot, TileMapping
 from cim_hil.nn.store import StoredLayer, WeightStore
 
 
@@ -88,10 +88,11 @@ class AnalogLayer(nn.Module):
     STORED = ("weight", "levels")
 
     def _setup(self, in_features: int, out_features: int, initial: torch.Tensor, bias: torch.Tensor | None,
-               group: TileGroup, config: MappingConfig, stored: StoredLayer | None) -> None:
+               group: TileGroup, config: MappingConfig, spots: list[Spot] | None, whole_tiles: bool,
+               stored: StoredLayer | None) -> None:
         if stored is None:
             stored = WeightStore(group, [(out_features, in_features)], config.programming == "write_verify").part(0)
-        self.mapping = mapping = TileMapping(in_features, out_features, group, config, initial)
+        self.mapping = mapping = TileMapping(in_features, out_features, group, config, initial, spots, whole_tiles)
         stored.store.fill(stored.index, mapping)
         levels, weights = stored.levels, stored.weights
         if levels is not None:
@@ -126,15 +127,16 @@ class AnalogLayer(nn.Module):
 
 
 class AnalogLinear(AnalogLayer):
-    """A ``Linear`` whose products run on a ``group`` of tiles; ``stored``: its part of its
-    model's weight store (see ``convert_to_analog``), else it keeps a store of its own."""
+    """A ``Linear`` whose products run on a ``group`` of tiles. ``spots``, ``whole_tiles``:
+    where the blocks sit on the group's tiles (see ``TileMapping``); ``stored``: its part of
+    its model's weight store (see ``convert_to_analog``), else it keeps a store of its own."""
 
-    def __init__(self, linear: nn.Linear, group: TileGroup, config: MappingConfig,
-                 stored: StoredLayer | None = None) -> None:
+    def __init__(self, linear: nn.Linear, group: TileGroup, config: MappingConfig, spots: list[Spot] | None = None,
+                 whole_tiles: bool = True, stored: StoredLayer | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._setup(linear.in_features, linear.out_features, linear.weight.detach(), linear.bias, group, config,
-                    stored)
+                    spots, whole_tiles, stored)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -151,8 +153,8 @@ class AnalogConv2d(AnalogLayer):
     ``as_kernel`` gives it as a ``Conv2d`` holds it.
     """
 
-    def __init__(self, conv: nn.Conv2d, group: TileGroup, config: MappingConfig,
-                 stored: StoredLayer | None = None) -> None:
+    def __init__(self, conv: nn.Conv2d, group: TileGroup, config: MappingConfig, spots: list[Spot] | None = None,
+                 whole_tiles: bool = True, stored: StoredLayer | None = None) -> None:
         super().__init__()
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise NotImplementedError("analog convolution supports groups=1, numeric zero padding")
@@ -160,7 +162,7 @@ class AnalogConv2d(AnalogLayer):
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         self.in_channels = conv.in_channels
         weight = conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
-        self._setup(weight.shape[1], conv.out_channels, weight, conv.bias, group, config, stored)
+        self._setup(weight.shape[1], conv.out_channels, weight, conv.bias, group, config, spots, whole_tiles, stored)
 
     def as_kernel(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` shaped like ``weight`` (the weights, their gradient, chi) as a ``Conv2d``

@@ -22,10 +22,6 @@ from cim_hil.group import TileGroup
 from cim_hil.tile import Capability, averaged_read, require_finite
 
 
-def tiles_needed(in_features: int, out_features: int, rows: int, cols: int) -> int:
-    return math.ceil(in_features / rows) * math.ceil(out_features / cols)
-
-
 class LevelWrite:
     """Write-verify of weights to new levels as one ``program_places`` call of ``group``,
     which may hold several layers' blocks: a training step pays for one call, not one per
@@ -68,28 +64,41 @@ class LevelWrite:
         return reached[0] - reached[1]
 
 
+Spot = tuple[int, int, int]
+"""Where a block sits: (index into the layer's tiles, row, column of its first device)."""
+
+
 class TileMapping:
     """One logical (out_features, in_features) weight matrix on a ``group`` of tiles: where each
     weight sits, the weight <-> level <-> conductance conventions (W = (G - G_ref) * scale),
     and the layer's products and programming through the group.
 
+    ``group`` holds the distinct tiles the layer uses; ``spots`` give, for each block in
+    row-major grid order, its tile and corner (default: block i alone on tile i). A block at a
+    corner other than (0, 0) runs its products on its window of the tile; ``whole_tiles``
+    says the layer's tiles hold no other layer's blocks, so their unused devices are its own.
     ``initial`` (the weights to start from) sets ``scale``: its largest magnitude takes
     ``config.weight_fill`` of the conductance range either side of the reference.
     """
 
     def __init__(
-        self, in_features: int, out_features: int, group: TileGroup, config: MappingConfig, initial: torch.Tensor
+        self, in_features: int, out_features: int, group: TileGroup, config: MappingConfig, initial: torch.Tensor,
+        spots: list[Spot] | None = None, whole_tiles: bool = True,
     ) -> None:
         spec = group.spec
         self.spec, self.config = spec, config
         self.in_features, self.out_features = in_features, out_features
         self.row_blocks = math.ceil(in_features / spec.rows)
         self.col_blocks = math.ceil(out_features / spec.cols)
-        if len(group) != self.row_blocks * self.col_blocks:
+        self.spots = spots or [(index, 0, 0) for index in range(len(group))]
+        if len(self.spots) != self.row_blocks * self.col_blocks:
             raise ConfigError(f"a {out_features}x{in_features} matrix takes {self.row_blocks * self.col_blocks} "
-                              f"tiles of {spec.rows}x{spec.cols}, the group has {len(group)}")
-        self.group = group
-        self.tiles = group.tiles
+                              f"blocks of {spec.rows}x{spec.cols}, {len(self.spots)} were placed")
+        self.group, self.tiles, self.whole_tiles = group, group.tiles, whole_tiles
+        block_tiles = [group.tiles[tile] for tile, _, _ in self.spots]  # one per block, in grid order
+        same = len(block_tiles) == len(group) and all(a is b for a, b in zip(block_tiles, group.tiles))
+        self._block_group = group if same else type(group)(block_tiles, group.board)  # products only
+        self._windows = self._block_windows() if any(row or col for _, row, col in self.spots) else None
         self._check_capabilities()
         top = spec.levels - 1
         self.spacing = spec.level_spacing_us
@@ -138,8 +147,16 @@ class TileMapping:
         """Where each logical weight (out, in) sits: its flat index in the stack (tiles, rows, cols)."""
         rows, cols = self.spec.rows, self.spec.cols
         inputs, outputs = torch.arange(self.in_features), torch.arange(self.out_features).unsqueeze(1)
-        tile = inputs.div(rows, rounding_mode="floor") * self.col_blocks + outputs.div(cols, rounding_mode="floor")
-        return (tile * rows + inputs % rows) * cols + outputs % cols
+        block = inputs.div(rows, rounding_mode="floor") * self.col_blocks + outputs.div(cols, rounding_mode="floor")
+        tile, row, col = (torch.tensor(values)[block] for values in zip(*self.spots))
+        return (tile * rows + row + inputs % rows) * cols + col + outputs % cols
+
+    def _block_windows(self) -> list[tuple[int, int, int, int]]:
+        """Each block's window (row_start, row_stop, col_start, col_stop) on its tile, in grid order."""
+        heights = self._block_widths(self.in_features, self.spec.rows, self.row_blocks)
+        widths = self._block_widths(self.out_features, self.spec.cols, self.col_blocks)
+        return [(row, row + heights[index // self.col_blocks], col, col + widths[index % self.col_blocks])
+                for index, (_, row, col) in enumerate(self.spots)]
 
     def _to_tiles(self, logical: torch.Tensor, fill) -> torch.Tensor:
         """A logical (out, in) matrix as the stack (tiles, rows, cols) the tiles hold, padded with ``fill``."""
@@ -218,7 +235,8 @@ class TileMapping:
             reference = torch.full_like(weights, middle)
             if self.spec.supports(Capability.REFERENCE):
                 everywhere = torch.full((len(self.tiles), self.spec.rows, self.spec.cols), middle)
-                self.group.program_reference(everywhere)
+                mine = None if self.whole_tiles else self._to_tiles(torch.ones_like(weights, dtype=torch.bool), False)
+                self.group.program_reference(everywhere, mine)
         targets = (reference + weights / self.scale).clamp(self.spec.g_min_us, self.spec.g_max_us)
         used = self._to_tiles(torch.ones_like(targets, dtype=torch.bool), False)
         self.group.program_verify(self._to_tiles(targets, self.spec.g_min_us), used)
@@ -270,7 +288,7 @@ class TileMapping:
         """The group's products of ``inputs`` this mapping has built itself: (tiles, n, k) by
         construction, each sample scaled into [-1, 1] and its peak checked finite (on a tensor
         far smaller than the inputs), so neither is checked nor clamped again."""
-        return self.group._products(inputs, outputs, transpose, in_range=True).cpu()
+        return self._block_group._products_on(inputs, outputs, transpose, True, self._windows).cpu()
 
 
 @dataclass(frozen=True)

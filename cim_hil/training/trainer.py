@@ -23,7 +23,8 @@ from tqdm import tqdm
 from cim_hil.board import Board, open_board
 from cim_hil.config import EmulatorConfig, SoCConfig, _Strict, validate
 from cim_hil.errors import BoardError, CimHilError
-from cim_hil.nn import MappingConfig, analog_layers, convert_to_analog, count_tiles
+from cim_hil.nn import MappingConfig, analog_layers, convert_to_analog
+from cim_hil.nn.placement import Placement, plan_for_board, plan_placement
 from cim_hil.training.lenet import lenet5
 from cim_hil.training.mnist import MNIST
 from cim_hil.training.optimizer import MixedPrecisionOptimizer
@@ -35,6 +36,7 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+PLACEMENT = "placement.json"  # where each layer's blocks sit, and which layers stay on the host
 EVAL_BATCH = 500
 
 
@@ -48,6 +50,13 @@ class TrainConfig(_Strict):
     seed: int = Field(0, ge=0)
     train_limit: int | None = Field(None, ge=1, description="use only the first N training digits")
     test_limit: int | None = Field(None, ge=1, description="use only the first N test digits")
+    pack: bool | None = Field(
+        None, description="pack small blocks side by side on tiles; None: only when one block per tile does not fit"
+    )
+    host_layers: list[str] | Literal["auto"] = Field(
+        [], description="layers kept digital on the host (module names, as `cim-hil plan` prints them); 'auto': the "
+        "largest until the rest fits the board's tiles, packed"
+    )
     mapping: MappingConfig = Field(
         MappingConfig(differential=True),
         description="differential by default: each weight on a device and its reference device, 31 levels instead "
@@ -55,12 +64,15 @@ class TrainConfig(_Strict):
     )
 
 
-def open_board_for(model: torch.nn.Module, url: str) -> Board:
-    """Open ``url``; a bare emulator URL gets exactly the tiles the model needs."""
+def open_board_for(model: torch.nn.Module, url: str, pack: bool | None = None,
+                   host_layers: list[str] | str = ()) -> Board:
+    """Open ``url``; a bare emulator URL gets exactly the tiles the model needs (packed if
+    ``pack``; with ``host_layers`` other than ``"auto"`` kept on the host)."""
     bare_emulator = url == "emulator:" or url.startswith("emulator:?")
     if bare_emulator and "tiles=" not in url:
         default = EmulatorConfig()
-        needed = count_tiles(model, default.soc.rows, default.soc.cols)
+        host = () if host_layers == "auto" else tuple(host_layers)
+        needed = plan_placement(model, default.soc.rows, default.soc.cols, bool(pack), host).tiles_used
         return open_board(url, EmulatorConfig(soc=SoCConfig(tiles=needed)))
     return open_board(url)
 
@@ -74,14 +86,20 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         model = lenet5()
+        self.placement: Placement | None = None
         if config.float_baseline:
             self.board = None
             self.model = model
             optimizer_type = torch.optim.Adam if config.rule == "adam" else torch.optim.SGD
             self.optimizer = optimizer_type(model.parameters(), lr=config.lr)
         else:
-            self.board = open_board_for(model, config.board)
-            self.model = convert_to_analog(model, self.board, config.mapping)
+            self.board = open_board_for(model, config.board, config.pack, config.host_layers)
+            try:
+                self.placement = plan_for_board(model, self.board, config.pack, config.host_layers)
+                self.model = convert_to_analog(model, self.board, config.mapping, self.placement)
+            except BaseException:
+                self.board.close()
+                raise
             self.optimizer = MixedPrecisionOptimizer(self.model, lr=config.lr, rule=config.rule)
         self.epoch = 0
         self.history: list[dict] = []
@@ -90,6 +108,8 @@ class Trainer:
     def fit(self, epochs: int | None = None) -> list[dict]:
         """Train up to ``epochs`` (default: the config's) epochs in total, resuming where left."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.placement is not None:
+            (self.out_dir / PLACEMENT).write_text(json.dumps(self.placement.as_dict(), indent=2))
         for _ in range(self.epoch, epochs or self.config.epochs):
             try:
                 row = self._train_epoch()

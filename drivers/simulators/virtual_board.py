@@ -17,20 +17,28 @@ import tty
 
 from cim_hil.config import EmulatorConfig
 from cim_hil.emulator.board import build_emulator
-from drivers.faults import FaultPlan, LineFaults
-from drivers.firmware import BoardFirmware
+from cim_hil.errors import BoardError, ConfigError
+from drivers.simulators.faults import FaultPlan, LineFaults
+from drivers.simulators.firmware import BoardFirmware
 from drivers.link import BITS_PER_BYTE
-from firmware_protocol.framing import VERSION
+from firmware_protocol.framing import VERSION, FrameDecoder
 
 POLL_S = 0.02  # how often the serving loop looks at its stop flag
 
 
 class _PtyLine:
-    """A pseudo-terminal pair: the host opens ``path`` (the slave end) like any serial port."""
+    """A pseudo-terminal pair: the host opens ``path`` (the slave end) like any serial port.
+
+    The master end does not block: a host that stops reading (or died with its answers unread)
+    has them dropped after ``SEND_TIMEOUT_S`` instead of stalling the board.
+    """
+
+    SEND_TIMEOUT_S = 2.0
 
     def __init__(self) -> None:
         self.master, self.slave = os.openpty()
         tty.setraw(self.slave)  # no echo, no line editing: a clean 8-bit line
+        os.set_blocking(self.master, False)
         self.path = os.ttyname(self.slave)  # the slave stays open here, so a host may come and go
 
     def wait_readable(self, timeout: float) -> bool:
@@ -39,6 +47,8 @@ class _PtyLine:
     def read(self) -> bytes:
         try:
             return os.read(self.master, 65536)
+        except BlockingIOError:
+            return b""
         except OSError as error:
             if error.errno == errno.EIO:
                 return b""  # no host on the line right now
@@ -47,7 +57,12 @@ class _PtyLine:
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(self.master, view) :]
+            if not select.select([], [self.master], [], self.SEND_TIMEOUT_S)[1]:
+                return  # nobody reads the line: the host retries, or has gone
+            try:
+                view = view[os.write(self.master, view) :]
+            except BlockingIOError:
+                continue
 
     def close(self) -> None:
         if self.master is not None:  # once only: a closed fd number may already belong to someone else
@@ -57,38 +72,136 @@ class _PtyLine:
 
 
 class _TcpLine:
-    """A listening socket on loopback; one host connection at a time (``socket://`` in pyserial)."""
+    """A listening socket on loopback that serves one host at a time (``socket://`` in pyserial).
 
-    def __init__(self, port: int) -> None:
-        self.listener = socket.create_server(("127.0.0.1", port))
+    Any host may die at any moment (RST, killed mid-reply, never reading): its errors end its
+    session, never the server. A host that connects while another is served gets ERROR BUSY to
+    each request until it leaves (at most ``MAX_WAITING`` of them, each for ``WAITING_S``); the
+    next host starts a fresh session through ``on_host``, so nothing of the last one is answered.
+    """
+
+    MAX_WAITING = 16
+    WAITING_S = 5.0
+    SEND_TIMEOUT_S = 2.0  # a host that stops reading for this long has left
+
+    def __init__(self, port: int, on_host, busy_answer) -> None:
+        if not 0 <= port <= 0xFFFF:
+            raise ConfigError(f"TCP port {port} is outside 0..65535")
+        try:
+            self.listener = socket.create_server(("127.0.0.1", port))
+        except OSError as error:
+            raise BoardError(f"cannot listen on 127.0.0.1:{port}: {error.strerror or error}") from None
+        self.listener.setblocking(False)
         self.path = f"socket://127.0.0.1:{self.listener.getsockname()[1]}"
         self.connection: socket.socket | None = None
+        self._waiting: dict[socket.socket, tuple[FrameDecoder, float]] = {}
+        self._on_host, self._busy_answer = on_host, busy_answer
+        self.hosts_served = self.hosts_refused = self.hosts_lost = 0
 
     def wait_readable(self, timeout: float) -> bool:
-        watched = [self.connection or self.listener]
-        if not select.select(watched, [], [], timeout)[0]:
-            return False
+        watched = [self.listener, *self._waiting, *([self.connection] if self.connection else [])]
+        readable = select.select(watched, [], [], timeout)[0]
+        now = time.monotonic()
+        for sock in readable:
+            if sock is self.listener:
+                self._accept(now)
+            elif sock in self._waiting:
+                if self._served_host_gone():  # it left a moment before this one came: serve this one
+                    del self._waiting[sock]
+                    self._begin_session(sock)
+                    return True
+                self._answer_waiting(sock)
+        for sock, (_, deadline) in list(self._waiting.items()):
+            if now > deadline:
+                self._drop_waiting(sock)
+        return self.connection is not None and self.connection in readable
+
+    def _served_host_gone(self) -> bool:
+        """Whether the host being served has closed or reset (a peek, nothing consumed)."""
         if self.connection is None:
-            self.connection, _ = self.listener.accept()
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return False
-        return True
+            return True
+        self.connection.setblocking(False)  # a socket with a timeout would wait for data first
+        try:
+            gone = self.connection.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            gone = False
+        except OSError:
+            gone = True
+        self.connection.settimeout(self.SEND_TIMEOUT_S)
+        if gone:
+            self._end_session()
+        return gone
+
+    def _begin_session(self, sock: socket.socket) -> None:
+        sock.settimeout(self.SEND_TIMEOUT_S)
+        self.connection = sock
+        self.hosts_served += 1
+        self._on_host()
+
+    def _accept(self, now: float) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # the host reset before we took it
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                return  # out of descriptors: it stays in the backlog until some close
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._served_host_gone():
+            self._begin_session(sock)
+        elif len(self._waiting) < self.MAX_WAITING:
+            sock.setblocking(False)
+            self._waiting[sock] = (FrameDecoder(), now + self.WAITING_S)
+            self.hosts_refused += 1
+        else:
+            sock.close()  # too many waiting already: closed at once
+            self.hosts_refused += 1
+
+    def _answer_waiting(self, sock: socket.socket) -> None:
+        decoder, _ = self._waiting[sock]
+        try:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionResetError("closed")
+            for frame in decoder.feed(data):
+                if (answer := self._busy_answer(frame)) is not None:
+                    sock.send(answer)  # small; a host that cannot take it is dropped below
+        except OSError:  # reset, closed, or not reading: it is gone
+            self._drop_waiting(sock)
+
+    def _drop_waiting(self, sock: socket.socket) -> None:
+        del self._waiting[sock]
+        sock.close()
 
     def read(self) -> bytes:
-        data = self.connection.recv(65536)
+        try:
+            data = self.connection.recv(65536)
+        except OSError:  # reset by the host, or it vanished
+            data = b""
         if not data:  # the host closed its end; wait for the next one
-            self.connection.close()
-            self.connection = None
+            self._end_session()
         return data
 
     def write(self, data: bytes) -> None:
-        if self.connection is not None:
+        if self.connection is None:
+            return  # the host left while its answers were being made
+        try:
             self.connection.sendall(data)
+        except OSError:  # broken pipe, reset, or a host that stopped reading
+            self.hosts_lost += 1
+            self._end_session()
+
+    def _end_session(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
 
     def close(self) -> None:
-        for sock in (self.connection, self.listener):
+        for sock in (self.connection, self.listener, *self._waiting):
             if sock is not None:
                 sock.close()  # idempotent for sockets
+        self._waiting.clear()
 
 
 class _Pacer:
@@ -145,7 +258,7 @@ class VirtualBoard:
 
     def open_tcp(self, port: int = 0) -> str:
         """Listen on 127.0.0.1 (``port`` 0: any free one); returns the ``socket://`` URL."""
-        self._line = _TcpLine(port)
+        self._line = _TcpLine(port, self.firmware.new_session, self.firmware.busy_answer)
         return self.url
 
     def start(self) -> "VirtualBoard":

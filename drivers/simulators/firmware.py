@@ -1,7 +1,7 @@
 """The board's side of the firmware protocol, executing on emulated tiles.
 
 :class:`BoardFirmware` is what a real board's firmware does with the bytes it receives
-(../firmware_protocol/SPEC.md): frames are decoded, fragments acknowledged and reassembled, the
+(firmware_protocol/SPEC.md): frames are decoded, fragments acknowledged and reassembled, the
 whole request runs **once** on the tiles, and the answer is kept so a repeated sequence number
 is answered again without running anything twice. It knows nothing about lines or timing; the
 virtual board puts it behind a pseudo-terminal or a socket.
@@ -9,6 +9,7 @@ virtual board puts it behind a pseudo-terminal or a socket.
 
 from __future__ import annotations
 
+import math
 from collections import Counter as Tally
 from collections.abc import Callable
 
@@ -29,6 +30,11 @@ WIDEST_CODE_BITS = 16  # the protocol carries codes in at most 16 bits (SPEC.md 
 _CAPABILITY_BITS = {Capability(c.name): int(c) for c in m.Capabilities}
 
 
+def _capability_bits(capabilities) -> int:
+    """INFO.capabilities of a tile's capability set."""
+    return sum(_CAPABILITY_BITS[c] for c in capabilities if c in _CAPABILITY_BITS)
+
+
 class Refusal(Exception):
     """A request the board answers with ERROR; nothing on the board changed."""
 
@@ -46,7 +52,7 @@ class BoardFirmware:
         self.protocol_version = protocol_version
         self._check_fits_protocol(self.board[0])
         self.executed: Tally[str] = Tally()  # requests run, by message name: what tests count
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(speaks=None)  # a foreign version is answered, not dropped
         self._reassembler = m.Reassembler()
         self._last: tuple[int, int, bytes] | None = None  # (seq, type, encoded answer) kept for repeats
         self._pending: list[bytes] = []
@@ -63,33 +69,57 @@ class BoardFirmware:
         if max(spec.rows, spec.cols) > 0xFFFF or spec.max_pulses_per_call > 0x7FFF:
             raise ConfigError("tile size or max_pulses_per_call too large for the firmware protocol's 16-bit fields")
 
+    # ---- sessions -----------------------------------------------------------------------------
+    def new_session(self) -> None:
+        """Forget everything the last host left half-done: a partial frame or message, a reply
+        not fetched yet, and the kept answer (a new host's seq could repeat the old host's)."""
+        self._decoder = FrameDecoder(speaks=None)
+        self._reassembler = m.Reassembler()
+        self._last = None
+        self._pending, self._pending_type = [], 0
+
+    @staticmethod
+    def busy_answer(frame: Frame) -> bytes | None:
+        """The answer to a request from a host that must wait: ERROR BUSY with its seq."""
+        if frame.type & 0x80:
+            return None
+        text = "the board is serving another host; retry when it has disconnected"
+        return encode_frame(BoardFirmware._error_frame(frame, m.ErrorCode.BUSY, text))
+
     # ---- frames -------------------------------------------------------------------------------
     def receive(self, data: bytes) -> list[bytes]:
         """Feed bytes from the line; returns the encoded answers to send, in order."""
-        answers = []
-        for frame in self._decoder.feed(data):
-            answer = self.answer(frame)
-            if answer is not None:
-                answers.append(answer)
-        return answers
+        return [self.answer(frame) for frame in self._decoder.feed(data)]
 
-    def answer(self, frame: Frame) -> bytes | None:
-        if frame.type & 0x80:
-            return None  # a reply type: not for the board
+    def answer(self, frame: Frame) -> bytes:
+        """The encoded answer to one frame, by the state machine of SPEC.md §2-3."""
+        if frame.version != self.protocol_version:
+            # Written in the frame's own version, whose header and ERROR are those of every
+            # version, so any host can read it; nothing else changes and nothing is kept.
+            refusal = self._error_frame(frame, m.ErrorCode.UNSUPPORTED_VERSION,
+                                        f"this board speaks protocol version {self.protocol_version}, "
+                                        f"not {frame.version}")
+            return encode_frame(Frame(refusal.type, refusal.seq, refusal.payload, 0, frame.version))
         if self._last is not None and self._last[:2] == (frame.seq, frame.type):
             return self._last[2]  # repeated seq: the kept answer, nothing runs again
         reply = self._handle(frame)
-        encoded = encode_frame(reply)
+        encoded = encode_frame(Frame(reply.type, reply.seq, reply.payload, reply.flags, self.protocol_version))
         self._last = (frame.seq, frame.type, encoded)
         return encoded
 
     def _handle(self, frame: Frame) -> Frame:
         if frame.type == m.Next.TYPE:
+            self._reassembler.reset()  # a request's fragments end at any other frame (SPEC.md §2)
+            if frame.payload or frame.more:
+                return self._error_frame(frame, m.ErrorCode.BAD_LENGTH, "NEXT is one empty frame without MORE")
             if not self._pending:
                 return self._error_frame(frame, m.ErrorCode.NO_PENDING_REPLY, "no reply is pending")
             piece = self._pending.pop(0)
             return Frame(self._pending_type, frame.seq, piece, FLAG_MORE if self._pending else 0)
-        self._pending = []  # any other request abandons a half-fetched reply
+        self._pending = []  # any other frame abandons a half-fetched reply
+        if not m.is_request(frame.type):
+            self._reassembler.reset()
+            return self._error_frame(frame, m.ErrorCode.UNKNOWN_MESSAGE, f"type {frame.type:#04x} is not a request")
         if self._reassembler.assembling not in (None, frame.type):
             self._reassembler.reset()  # a new message discards the partial one (SPEC.md §2)
         try:
@@ -119,6 +149,7 @@ class BoardFirmware:
         if handler is None:
             raise Refusal(m.ErrorCode.UNKNOWN_MESSAGE, f"{type(message).__name__} is not a request")
         try:
+            self._require(message)
             reply = handler(message)
         except Refusal:
             raise
@@ -130,6 +161,20 @@ class BoardFirmware:
             raise Refusal(m.ErrorCode.INTERNAL, f"{type(error).__name__}: {error}") from None
         self.executed[type(message).__name__] += 1
         return reply
+
+    def _require(self, message: m.Message) -> None:
+        """UNSUPPORTED before OUT_OF_RANGE: what the board lacks is refused before any field is
+        checked (SPEC.md §4.9)."""
+        needed = {m.Forward: [m.Capabilities.analog_products], m.PulsesSparse: [m.Capabilities.pulses],
+                  m.PulsesDense: [m.Capabilities.pulses], m.Program: [m.Capabilities.write_verify]}.get(type(message), [])
+        if isinstance(message, m.Forward) and message.transpose:
+            needed.append(m.Capabilities.transpose)
+        if isinstance(message, (m.Program, m.ReadMap)) and message.array == 1:
+            needed.append(m.Capabilities.reference)
+        have = _capability_bits(self.board[0].spec.capabilities)
+        for capability in needed:
+            if not have & capability:
+                raise Refusal(m.ErrorCode.UNSUPPORTED, f"this board has no {capability.name.replace('_', ' ')}")
 
     def _tile(self, index: int) -> EmulatedTile:
         if not 0 <= index < len(self.board):
@@ -147,7 +192,7 @@ class BoardFirmware:
         return m.Info(
             self.protocol_version, *FIRMWARE_VERSION, len(self.board), spec.rows, spec.cols,
             spec.input_bits, spec.output_bits, spec.levels,
-            sum(_CAPABILITY_BITS[c] for c in spec.capabilities), int(tile.counters.clock_hz),
+            _capability_bits(spec.capabilities), int(tile.counters.clock_hz),
             spec.g_min_us, spec.g_max_us, spec.v_read, tile.forward_adc.lsb, tile.backward_adc.lsb,
             tile.read_lsb_us, MAX_PAYLOAD, spec.max_pulses_per_call, tile.default_tolerance_us,
             tile.default_max_trials,
@@ -193,27 +238,41 @@ class BoardFirmware:
         applied = tile.apply_pulses(counts.reshape(tile.spec.rows, tile.spec.cols)).cpu().flatten()
         return m.PulsesApplied(request.tile, 0, applied[flat].numpy().astype(np.int16).reshape(1, -1))
 
+    @staticmethod
+    def _block(tile: EmulatedTile, shape: tuple[int, ...], what: str) -> None:
+        """A matrix request covers the tile's top-left rows x cols block (SPEC.md §4.4-4.5)."""
+        rows, cols = shape
+        if not (1 <= rows <= tile.spec.rows and 1 <= cols <= tile.spec.cols):
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE,
+                          f"{what} of {rows}x{cols} devices does not fit a {tile.spec.rows}x{tile.spec.cols} tile")
+
     def _on_pulsesdense(self, request: m.PulsesDense) -> m.PulsesApplied:
         tile = self._tile(request.tile)
-        applied = tile.apply_pulses(torch.from_numpy(request.values.astype(np.int64)))
+        self._block(tile, request.values.shape, "PULSES_DENSE")
+        rows, cols = request.values.shape
+        counts = torch.zeros(tile.spec.rows, tile.spec.cols, dtype=torch.int64)
+        counts[:rows, :cols] = torch.from_numpy(request.values.astype(np.int64))
+        applied = tile.apply_pulses(counts)[:rows, :cols]
         return m.PulsesApplied(request.tile, 1, applied.cpu().numpy().astype(np.int16))
 
     def _on_program(self, request: m.Program) -> m.ProgramReport:
         tile = self._tile(request.tile)
-        targets = torch.from_numpy(request.targets)
+        if request.array not in (0, 1):
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"array {request.array} is neither 0 (weights) nor 1 (references)")
+        self._block(tile, request.targets.shape, "PROGRAM")
+        tolerance = request.tolerance_us
+        if tolerance != 0 and not (math.isfinite(tolerance) and tolerance > 0):
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"tolerance {tolerance} uS is neither 0 (the default) nor finite and positive")
+        rows, cols = request.targets.shape
+        targets = torch.full((tile.spec.rows, tile.spec.cols), float("nan"))
+        targets[:rows, :cols] = torch.from_numpy(request.targets)
         mask = ~torch.isnan(targets)
         targets = torch.where(mask, targets, torch.full_like(targets, tile.spec.g_min_us))  # unselected: any safe value
-        tolerance = request.tolerance_us or None
-        trials = request.max_trials or None
-        if request.array == 0:
-            result = tile.program_verify(targets, mask, tolerance, trials)
-        elif request.array == 1:
-            result = tile.program_reference(targets, mask, tolerance, trials)
-        else:
-            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"array {request.array} is neither 0 (weights) nor 1 (references)")
+        program = tile.program_reference if request.array == 1 else tile.program_verify
+        result = program(targets, mask, tolerance or None, request.max_trials or None)
         return m.ProgramReport(
-            request.tile, request.array, result.reached_us.cpu().numpy().astype(np.float32),
-            result.trials.cpu().numpy().astype(np.uint16), result.failed.cpu().numpy(),
+            request.tile, request.array, result.reached_us.cpu()[:rows, :cols].numpy().astype(np.float32),
+            result.trials.cpu()[:rows, :cols].numpy().astype(np.uint16), result.failed.cpu()[:rows, :cols].numpy(),
         )
 
     def _on_readcounters(self, request: m.ReadCounters) -> m.CountersReply:

@@ -1,0 +1,70 @@
+"""``cim-hil train``: its arguments and its handler, beside the trainer they drive."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="train LeNet-5 on MNIST on the emulator (or a board)")
+    train.add_argument("--board", help="board URL (default: the emulator with as many tiles as LeNet needs)")
+    train.add_argument("--float", dest="float_baseline", action="store_true", help="float32 baseline on the host")
+    train.add_argument("--epochs", type=int, help="train up to this many epochs in total (default 3)")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--rule", choices=["sgd", "adam"])
+    train.add_argument("--seed", type=int)
+    train.add_argument("--train-limit", type=int, help="use only the first N training digits")
+    train.add_argument("--test-limit", type=int, help="use only the first N test digits")
+    train.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                       help="pack small blocks side by side on tiles (default: only when needed to fit the board)")
+    train.add_argument("--host-layers", help="comma-separated layers to keep on the host (see cim-hil plan), or "
+                       "'auto': the largest until the rest fits the board")
+    train.add_argument("--config", help="TOML/JSON file with TrainConfig fields (flags override it)")
+    train.add_argument("--data-dir", help="directory with the MNIST IDX files (default: offline data)")
+    train.add_argument("--download", action="store_true", help="download the IDX files into --data-dir")
+    train.add_argument("--out", default="runs/lenet", help="run directory: metrics, curves, checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """Train LeNet-5 on MNIST (mixed precision on the emulator by default); resume with --resume."""
+    from cim_hil.config import load_config, validate
+    from cim_hil.training import TrainConfig, Trainer
+    from cim_hil.training.mnist import load_mnist
+
+    base = load_config(args.config, TrainConfig).model_dump() if args.config else {}
+    flags = {
+        "board": args.board,
+        "float_baseline": args.float_baseline or None,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "rule": args.rule,
+        "seed": args.seed,
+        "train_limit": args.train_limit,
+        "test_limit": args.test_limit,
+        "pack": args.pack,
+        "host_layers": None if args.host_layers is None else (
+            "auto" if args.host_layers == "auto" else [name for name in args.host_layers.split(",") if name]),
+    }
+    config = validate(TrainConfig, {**base, **{k: v for k, v in flags.items() if v is not None}})
+    data = load_mnist(args.data_dir, download_missing=args.download, seed=config.seed)
+    print(f"data: {data.source}", file=sys.stderr)
+    progress = not args.no_progress
+    if args.resume:
+        trainer = Trainer.resume(args.out, data, progress)
+        print(f"resuming {args.out} after epoch {trainer.epoch}", file=sys.stderr)
+    else:
+        trainer = Trainer(config, data, args.out, progress)
+    if trainer.placement is not None:
+        print(f"placement: {trainer.placement.summary()} (in {args.out}/placement.json)", file=sys.stderr)
+    history = trainer.fit(args.epochs)
+    summary = {"out": str(args.out), "epochs": trainer.epoch, **(history[-1] if history else {})}
+    if trainer.board is not None:
+        summary["board"] = trainer.board.info()
+    print(json.dumps(summary, indent=2))
