@@ -1,12 +1,17 @@
 """Boards hold tiles and a link; ``open_board`` opens any of them from one URL-like string.
 
-In the spirit of pyserial's ``serial_for_url``: ``emulator:`` opens the in-process emulator;
-driver packages register further schemes (serial ports, ``socket://``, VISA resources).
+In the spirit of pyserial's ``serial_for_url`` and its ``protocol_handler_packages``: the URL's
+scheme names the driver, and drivers are found through the ``cim_hil.boards`` entry points
+(``[project.entry-points."cim_hil.boards"]`` in a package's pyproject.toml, one line per
+scheme: ``myboard = "my_package.board:open_my_board"``). The core names no driver and imports
+only the one the URL asks for, so ``open_board("emulator:")`` loads neither pyserial nor pyvisa.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
+from importlib.metadata import entry_points
 from typing import Any
 
 from cim_hil.errors import BoardError
@@ -97,31 +102,59 @@ class Board:
 
 
 Opener = Callable[[str, Any], Board]
-_schemes: dict[str, Opener] = {}
+ENTRY_POINT_GROUP = "cim_hil.boards"
+
+# A VISA resource name (TCPIP0::host::5025::SOCKET, GPIB0::12::INSTR, USB0::..., ASRL1::INSTR).
+_VISA_RESOURCE = re.compile(r"(TCPIP|GPIB|USB|ASRL|PXI|VXI)\d*::", re.IGNORECASE)
+# A serial port by its device path (/dev/ttyUSB0) or its Windows name (COM3).
+_SERIAL_PORT = re.compile(r"/|COM\d+$", re.IGNORECASE)
+_URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 
 
-def register_scheme(prefix: str, opener: Opener) -> None:
-    """Let ``open_board`` hand URLs starting with ``prefix`` to ``opener(url, config)``."""
-    _schemes[prefix] = opener
+def scheme_of(url: str) -> str:
+    """The scheme that names ``url``'s driver.
+
+    A URL's scheme is the text before its first colon, exactly as written (``emulator:``,
+    ``serial:<pyserial URL>``, ``socket://host:port``, ``visa:<resource>``). Two bare forms
+    have none and are given one: a VISA resource name (``TCPIP0::...``, ``GPIB0::...``) is
+    ``visa``, and a serial port path (``/dev/ttyUSB0``, ``COM3``) is ``serial``.
+    """
+    if _VISA_RESOURCE.match(url):
+        return "visa"
+    if _SERIAL_PORT.match(url):
+        return "serial"
+    found = _URI_SCHEME.match(url)
+    if found is None:
+        raise BoardError(f"{url!r} is not a board URL: give a scheme (emulator:, serial:, socket://, visa:), "
+                         "a serial port path or a VISA resource name")
+    return found.group(1)
+
+
+def known_schemes() -> list[str]:
+    """The schemes the installed packages offer drivers for."""
+    return sorted({point.name for point in entry_points(group=ENTRY_POINT_GROUP)})
 
 
 def open_board(url: str = "emulator:", config: Any = None) -> Board:
-    """Open a board from a URL-like string.
+    """Open a board from a URL-like string, with the driver its exact scheme names (:func:`scheme_of`).
 
     ``emulator:`` (optionally ``emulator:?tiles=8&rows=128&cols=128&seed=3`` or
     ``emulator:path/to/config.toml``) opens the cycle-accurate emulator of the reference SoC;
-    ``config`` may be an :class:`~cim_hil.config.EmulatorConfig` to start from.
+    ``config`` may be an :class:`~cim_hil.config.EmulatorConfig` to start from. What ``config``
+    is for another scheme is that driver's to say (a ``LinkConfig`` for a serial board).
     """
-    _load_driver_schemes()
-    for prefix, opener in _schemes.items():
-        if url.startswith(prefix):
-            return opener(url, config)
-    known = ", ".join(sorted(_schemes))
-    raise BoardError(f"no driver for board URL {url!r}; known schemes: {known}")
+    return _opener(url, scheme_of(url))(url, config)
 
 
-def _load_driver_schemes() -> None:
-    # Imported here, not at module top: drivers import this module to register themselves.
-    import cim_hil.emulator.board  # noqa: F401
-    import drivers.instrument_board  # noqa: F401
-    import drivers.serial_board  # noqa: F401
+def _opener(url: str, scheme: str) -> Opener:
+    targets = {point.value: point for point in entry_points(group=ENTRY_POINT_GROUP, name=scheme)}
+    if not targets:
+        known = ", ".join(known_schemes()) or "none (is cim-hil installed? pip install -e .)"
+        raise BoardError(f"no driver for board URL {url!r} (scheme {scheme!r}); known schemes: {known}")
+    if len(targets) > 1:
+        raise BoardError(f"board URL scheme {scheme!r} is claimed by several drivers: {', '.join(sorted(targets))}")
+    (point,) = targets.values()
+    try:
+        return point.load()
+    except ImportError as error:
+        raise BoardError(f"the driver for {scheme!r} ({point.value}) cannot be imported: {error}") from None

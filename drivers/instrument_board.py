@@ -1,7 +1,7 @@
 """A small crossbar on a probe station, behind the Tile interface: an SMU and a switch matrix.
 
 ``open_board("TCPIP0::10.0.0.5::5025::SOCKET", InstrumentBoardConfig(matrix_resource=...))``
-opens the SMU named by the URL (driver chosen by its ``*IDN?``) and the matrix, and gives one
+(or ``visa:TCPIP0::...``: a bare VISA resource name has the ``visa`` scheme) opens the SMU named by the URL (driver chosen by its ``*IDN?``) and the matrix, and gives one
 :class:`InstrumentTile`. It reads conductances device by device (DC current at the read
 voltage), applies SET/RESET pulse trains and programs with verify by pulsing one step at a time
 towards the target. It has no analog periphery: its products are computed on the host from a
@@ -15,12 +15,11 @@ import pyvisa
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cim_hil.board import Board, register_scheme
+from cim_hil.board import Board
 from cim_hil.errors import BoardError, ConfigError
 from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
 from drivers.instruments import SafetyLimits, SourceMeasureUnit, SwitchMatrix, open_resource, open_smu
 
-SCHEMES = ("TCPIP", "GPIB", "USB", "ASRL", "PXI")
 HOST_FLOAT_BITS = 24  # products are host arithmetic on float32 reads: a 24-bit mantissa
 
 
@@ -79,17 +78,21 @@ class InstrumentTile(Tile):
         return self.config.max_trials
 
     # ---- one device ---------------------------------------------------------------------------
+    # Routing and driving one device is one transaction over both instruments (always locked in
+    # this order), so another thread never re-routes the matrix between the two.
     def _read_device(self, row: int, col: int) -> float:
-        self.matrix.connect(row, col)
-        amps = self.smu.measure_current(self.config.read_voltage_v, self.config.read_compliance_a)
-        self.counters.device_reads += 1
+        with self.matrix.lock, self.smu.lock:
+            self.matrix.connect(row, col)
+            amps = self.smu.measure_current(self.config.read_voltage_v, self.config.read_compliance_a)
+            self.counters.device_reads += 1
         return amps / self.config.read_voltage_v * 1e6
 
     def _pulse_device(self, row: int, col: int, count: int) -> None:
-        self.matrix.connect(row, col)
         amplitude = self.config.set_voltage_v if count > 0 else self.config.reset_voltage_v
-        self.smu.pulse(amplitude, self.config.pulse_width_s, abs(count), self.config.pulse_compliance_a)
-        self.counters.pulses += abs(count)
+        with self.matrix.lock, self.smu.lock:
+            self.matrix.connect(row, col)
+            self.smu.pulse(amplitude, self.config.pulse_width_s, abs(count), self.config.pulse_compliance_a)
+            self.counters.pulses += abs(count)
 
     # ---- Tile operations ----------------------------------------------------------------------
     def _read_conductances(self, window: Window) -> torch.Tensor:
@@ -144,6 +147,7 @@ class InstrumentBoard(Board):
 
 
 def open_instrument_board(url: str, config: InstrumentBoardConfig | None) -> InstrumentBoard:
+    """The ``visa`` scheme's opener: ``url`` is the SMU's VISA resource name, bare or after ``visa:``."""
     if not isinstance(config, InstrumentBoardConfig):
         raise ConfigError(
             f"a VISA resource ({url}) opens an instrument board and needs an InstrumentBoardConfig "
@@ -153,7 +157,7 @@ def open_instrument_board(url: str, config: InstrumentBoardConfig | None) -> Ins
         manager = pyvisa.ResourceManager(config.visa_library)
     except (OSError, ValueError, pyvisa.Error) as error:
         raise BoardError(f"cannot load the VISA library {config.visa_library!r}: {error}") from None
-    smu = open_smu(manager, url, config.limits, config.timeout_ms)
+    smu = open_smu(manager, url.removeprefix("visa:"), config.limits, config.timeout_ms)
     try:
         matrix = SwitchMatrix(open_resource(manager, config.matrix_resource, config.timeout_ms), config.rows,
                               config.cols, config.limits)
@@ -162,6 +166,3 @@ def open_instrument_board(url: str, config: InstrumentBoardConfig | None) -> Ins
         raise
     return InstrumentBoard(InstrumentTile(smu, matrix, config), url)
 
-
-for _scheme in SCHEMES:
-    register_scheme(_scheme, open_instrument_board)

@@ -15,6 +15,7 @@ simulators only; confirm each on the bench before trusting it with a wafer.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 
 import pyvisa
@@ -63,6 +64,9 @@ class Instrument:
                  identity: Identity | None = None) -> None:
         self.resource = resource
         self.name = resource.resource_name
+        # One operation (its set-up, the command, "*OPC?" or the reading) at a time: a thread
+        # never sees another's answer, and a caller may hold it across instruments.
+        self.lock = threading.RLock()
         self.limits = limits or SafetyLimits()
         self.identity = identity or identify(resource)
         if not any(re.fullmatch(pattern, self.identity.model) for pattern in self.MODELS):
@@ -72,22 +76,25 @@ class Instrument:
             )
 
     def write(self, command: str) -> None:
-        try:
-            self.resource.write(command)
-        except (pyvisa.Error, OSError) as error:
-            raise BoardError(f"instrument {self.name} did not take {command!r}: {error}") from None
+        with self.lock:
+            try:
+                self.resource.write(command)
+            except (pyvisa.Error, OSError) as error:
+                raise BoardError(f"instrument {self.name} did not take {command!r}: {error}") from None
 
     def query(self, command: str) -> str:
-        try:
-            return self.resource.query(command).strip()
-        except (pyvisa.Error, OSError) as error:
-            raise BoardError(f"instrument {self.name} did not answer {command!r}: {error}") from None
+        with self.lock:
+            try:
+                return self.resource.query(command).strip()
+            except (pyvisa.Error, OSError) as error:
+                raise BoardError(f"instrument {self.name} did not answer {command!r}: {error}") from None
 
     def close(self) -> None:
-        try:
-            self.resource.close()
-        except (pyvisa.Error, OSError):
-            pass  # already gone; closing is all we wanted
+        with self.lock:
+            try:
+                self.resource.close()
+            except (pyvisa.Error, OSError):
+                pass  # already gone; closing is all we wanted
 
 
 class SourceMeasureUnit(Instrument):
@@ -136,24 +143,26 @@ class SourceMeasureUnit(Instrument):
         """The current (A) at ``volts``, limited to ``compliance_a``."""
         self._check_voltage(volts, "read voltage")
         self._check_compliance(compliance_a)
-        self._enter(("dc", compliance_a), self._dc_setup(compliance_a))
-        self.write(self._set_level(volts))
-        try:
-            return float(self.query(self._measure()))
-        except ValueError as error:
-            raise BoardError(f"instrument {self.name} sent a current that is not a number: {error}") from None
-        finally:
-            self.write(self._set_level(0.0))
+        with self.lock:
+            self._enter(("dc", compliance_a), self._dc_setup(compliance_a))
+            self.write(self._set_level(volts))
+            try:
+                return float(self.query(self._measure()))
+            except ValueError as error:
+                raise BoardError(f"instrument {self.name} sent a current that is not a number: {error}") from None
+            finally:
+                self.write(self._set_level(0.0))
 
     def pulse(self, amplitude_v: float, width_s: float, count: int, compliance_a: float) -> None:
         """``count`` pulses of ``amplitude_v`` for ``width_s`` each, from and back to 0 V."""
         self._check_voltage(amplitude_v, "pulse amplitude")
         self._check_pulse(width_s, count)
         self._check_compliance(compliance_a)
-        self._enter(("pulse", width_s, compliance_a), self._pulse_setup(width_s, compliance_a))
-        for command in self._fire(amplitude_v, width_s, count):
-            self.write(command)
-        self.query("*OPC?")  # wait until the train is out
+        with self.lock:
+            self._enter(("pulse", width_s, compliance_a), self._pulse_setup(width_s, compliance_a))
+            for command in self._fire(amplitude_v, width_s, count):
+                self.write(command)
+            self.query("*OPC?")  # wait until the train is out
 
     def _enter(self, mode: tuple, commands: list[str]) -> None:
         if self._mode != mode:
@@ -163,12 +172,13 @@ class SourceMeasureUnit(Instrument):
             self._mode = mode
 
     def close(self) -> None:
-        if self._mode is not None:
-            try:
-                self.write(self._output_off())
-            except BoardError:
-                pass  # the instrument is gone; nothing more to switch off
-        super().close()
+        with self.lock:
+            if self._mode is not None:
+                try:
+                    self.write(self._output_off())
+                except BoardError:
+                    pass  # the instrument is gone; nothing more to switch off
+            super().close()
 
     # ---- one family's command set -------------------------------------------------------------
     def _dc_setup(self, compliance_a: float) -> list[str]:
@@ -263,13 +273,14 @@ class SwitchMatrix(Instrument):
         """Route the SMU to device (row, col) only; a no-op when it is already routed there."""
         if not (0 <= row < self.rows and 0 <= col < self.cols):
             raise UnsafeValueError(f"device ({row}, {col}) is outside the {self.rows}x{self.cols} array")
-        if self.connected == (row, col):
-            return
-        self.connected = None
-        self.write(":ROUT:OPEN:CARD ALL")
-        self.write(f":ROUT:CLOS (@{self.CARD}01{row + 1:02d},{self.CARD}02{self.rows + col + 1:02d})")
-        self.query("*OPC?")  # the relays have settled before the SMU drives the device
-        self.connected = (row, col)
+        with self.lock:
+            if self.connected == (row, col):
+                return
+            self.connected = None
+            self.write(":ROUT:OPEN:CARD ALL")
+            self.write(f":ROUT:CLOS (@{self.CARD}01{row + 1:02d},{self.CARD}02{self.rows + col + 1:02d})")
+            self.query("*OPC?")  # the relays have settled before the SMU drives the device
+            self.connected = (row, col)
 
     def close(self) -> None:
         try:

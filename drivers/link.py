@@ -4,7 +4,9 @@ Stop-and-wait as ../firmware_protocol/SPEC.md §2-3 says: a request is cut into 
 waits for its ACK; a long reply is fetched piece by piece with NEXT. A frame that gets no valid
 answer in time is re-sent with the **same** sequence number, so the board answers a repeat from
 its kept reply instead of running the command twice. Everything that crosses the line is counted
-in :class:`LinkStats`, so a user can see when the link, not the array, limits a run.
+in :class:`LinkStats`, so a user can see when the link, not the array, limits a run. The codec's
+``ProtocolError`` (a plain ``ValueError``: the codec knows nothing of cim-hil) becomes a
+``BoardError`` naming the port here, where the framework meets the wire.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import random
 import re
 import select
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -86,23 +89,33 @@ class Link:
         self._decoder = FrameDecoder()
         # A fresh start keeps a restarted host from colliding with the seq the board last saw.
         self._seq = random.randrange(1, 0x10000)
+        # One request (every fragment, retry and NEXT of it) owns the line until its reply is
+        # whole: threads sharing a board take turns by request, never by frame.
+        self._lock = threading.RLock()
 
     # ---- requests ---------------------------------------------------------------------------
     def request(self, message: Message, expect: type[Message]) -> Message:
         """Send ``message``, return the board's reply of type ``expect``; ERROR replies raise
-        :class:`BoardRefused` (or UnsafeValueError for OUT_OF_RANGE)."""
-        started = time.perf_counter()
-        self.stats.requests += 1
-        try:
-            frames = fragments(message, self._take_seq(), self.max_payload)
-            self._seq = (self._seq + len(frames) - 1) & 0xFFFF
-            for frame in frames[:-1]:
-                answer = self._exchange(frame)
-                if answer.type != Ack.TYPE:
-                    self._raise_error(answer, frame)
-            reply = self._collect(self._exchange(frames[-1]))
-        finally:
-            self.stats.seconds += time.perf_counter() - started
+        :class:`BoardRefused` (or UnsafeValueError for OUT_OF_RANGE). Thread-safe: one
+        request at a time holds the line."""
+        with self._lock:
+            started = time.perf_counter()
+            self.stats.requests += 1
+            try:
+                try:
+                    frames = fragments(message, self._take_seq(), self.max_payload)
+                except ProtocolError as error:
+                    raise BoardError(
+                        f"{_type_name(message.TYPE)} cannot be sent to the board on {self.name}: {error}"
+                    ) from None
+                self._seq = (self._seq + len(frames) - 1) & 0xFFFF
+                for frame in frames[:-1]:
+                    answer = self._exchange(frame)
+                    if answer.type != Ack.TYPE:
+                        self._raise_error(answer, frame)
+                reply = self._collect(self._exchange(frames[-1]))
+            finally:
+                self.stats.seconds += time.perf_counter() - started
         if isinstance(reply, Error):
             self._raise_refusal(reply)
         if not isinstance(reply, expect):
@@ -114,14 +127,16 @@ class Link:
 
     def resynchronise(self) -> None:
         """Flush any partial chunk at the board and anything stale on our side (SPEC.md §3)."""
-        self._io(lambda: (self.port.write(b"\x00\x00"), self.port.flush(), self.port.reset_input_buffer()))
-        self._decoder = FrameDecoder()
+        with self._lock:
+            self._io(lambda: (self.port.write(b"\x00\x00"), self.port.flush(), self.port.reset_input_buffer()))
+            self._decoder = FrameDecoder()
 
     def close(self) -> None:
-        try:
-            self.port.close()
-        except (serial.SerialException, OSError):
-            pass  # the port is gone already; closing it is all we wanted
+        with self._lock:
+            try:
+                self.port.close()
+            except (serial.SerialException, OSError):
+                pass  # the port is gone already; closing it is all we wanted
 
     # ---- one frame, its answer, and the pieces of a long reply ------------------------------
     def _take_seq(self) -> int:

@@ -7,7 +7,7 @@ the board's INFO. ``config`` may be a :class:`~cim_hil.config.LinkConfig` (baud 
 retries).
 
 Conversions mirror the board's converters exactly (SPEC.md §4.2-4.3): inputs go out as the DAC
-codes of the emulator's own DAC (``cim_hil.emulator.periphery.input_codes``), outputs come back
+codes of the emulator's own DAC (``cim_hil.codes.input_codes``), outputs come back
 as ADC codes times the LSB the board reported, so a virtual board gives bit-for-bit the
 in-process emulator's numbers.
 """
@@ -20,9 +20,9 @@ import numpy as np
 import serial
 import torch
 
-from cim_hil.board import Board, register_scheme
+from cim_hil.board import Board
 from cim_hil.config import LinkConfig
-from cim_hil.emulator.periphery import input_codes
+from cim_hil.codes import input_codes
 from cim_hil.errors import BoardError, ConfigError, UnsafeValueError
 from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
 from drivers.link import BoardRefused, Link
@@ -30,9 +30,6 @@ from firmware_protocol import messages as m
 from firmware_protocol.framing import MAX_PAYLOAD, VERSION
 
 MAX_BATCH = 0xFFFF  # FORWARD's batch field is u16; longer batches go as several requests
-SCHEMES = ("serial:", "socket://", "rfc2217://", "loop://", "/dev/", "COM")
-
-
 class SerialTile(Tile):
     """One tile of a board reached through ``link``; its numbers come from the board."""
 
@@ -157,6 +154,8 @@ class SerialBoard(Board):
 
 
 def open_serial_board(url: str, config: LinkConfig | None = None) -> SerialBoard:
+    """The opener of the ``serial`` scheme (a bare port path has it) and of pyserial's own URL
+    schemes (``socket://``, ``rfc2217://``, ``loop://``): the rest goes to ``serial_for_url``."""
     if config is None:
         config = LinkConfig()
     elif not isinstance(config, LinkConfig):
@@ -185,6 +184,3 @@ def open_serial_board(url: str, config: LinkConfig | None = None) -> SerialBoard
     link.max_payload = min(MAX_PAYLOAD, info.max_payload)
     return SerialBoard([SerialTile(link, index, info) for index in range(info.tiles)], url, link, info)
 
-
-for _scheme in SCHEMES:
-    register_scheme(_scheme, open_serial_board)

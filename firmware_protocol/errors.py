@@ -1,9 +1,13 @@
-"""Protocol errors: each malformed input has its own exception, all under ``ProtocolError``."""
+"""Protocol errors: each malformed input has its own exception, all under ``ProtocolError``.
 
-from cim_hil.errors import CimHilError
+The codec stands alone (numpy and cobs, no torch, no cim-hil), so a firmware engineer's host
+script can use it anywhere; its errors are therefore plain ``ValueError``s. The host's serial
+driver (drivers/link.py), where the framework meets the codec, turns them into cim-hil's
+``BoardError`` naming the port.
+"""
 
 
-class ProtocolError(CimHilError):
+class ProtocolError(ValueError):
     """Bytes that are not a valid frame or message of this protocol."""
 
 

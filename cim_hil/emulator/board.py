@@ -6,7 +6,7 @@ from urllib.parse import parse_qsl
 
 import torch
 
-from cim_hil.board import Board, register_scheme
+from cim_hil.board import Board
 from cim_hil.config import EmulatorConfig, load_config, validate
 from cim_hil.emulator.group import EmulatedGroup
 from cim_hil.emulator.store import DeviceStore
@@ -54,8 +54,6 @@ def config_from_url(url: str, base: EmulatorConfig | None = None) -> EmulatorCon
     return validate(EmulatorConfig, data)
 
 
-def _open(url: str, config: EmulatorConfig | None) -> Board:
+def open_emulator(url: str, config: EmulatorConfig | None) -> Board:
+    """The ``emulator:`` scheme's opener (the ``cim_hil.boards`` entry point)."""
     return build_emulator(config_from_url(url, config), url)
-
-
-register_scheme("emulator:", _open)

@@ -1,24 +1,15 @@
 """Converters around the array: the input DAC and the output ADC.
 
-The host sees only what these return: inputs snapped to DAC codes, outputs snapped to ADC
-codes (saturating at full scale), with the ADC's input-referred noise.
+The host sees only what these return: inputs snapped to DAC codes (``cim_hil.codes``, shared
+with the serial driver and the firmware), outputs snapped to ADC codes (saturating at full
+scale), with the ADC's input-referred noise.
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def top_code(bits: int) -> int:
-    """The largest code of a signed converter with ``bits`` bits, sign included."""
-    return 2 ** (bits - 1) - 1
-
-
-def input_codes(x: torch.Tensor, bits: int, clamp: bool = True) -> torch.Tensor:
-    """Inputs in [-1, 1] as the nearest signed DAC codes (SPEC.md §4.2 sends exactly these);
-    beyond it the DAC saturates (``clamp``: the caller may know there is no beyond)."""
-    top = top_code(bits)
-    return (x.clamp(-1.0, 1.0).mul_(top) if clamp else x.mul(top)).round_()
+from cim_hil.codes import top_code
 
 
 class ADC:

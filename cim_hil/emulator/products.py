@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cim_hil.emulator.periphery import input_codes, top_code
+from cim_hil.codes import input_codes, top_code
 
 if TYPE_CHECKING:
     from cim_hil.emulator.group import EmulatedGroup

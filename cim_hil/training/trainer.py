@@ -78,6 +78,12 @@ def open_board_for(model: torch.nn.Module, url: str, pack: bool | None = None,
 
 
 class Trainer:
+    """One training run of LeNet-5 on ``data`` as ``config`` says, writing into ``out_dir``:
+    the board it opens, the analog model and its mixed-precision optimizer (or the float
+    baseline), the epochs done and their metrics. ``fit`` trains and checkpoints after every
+    epoch; ``resume`` picks a run up from its checkpoint. ``progress`` shows a bar per epoch.
+    """
+
     def __init__(self, config: TrainConfig, data: MNIST, out_dir: str | Path, progress: bool = True) -> None:
         self.config = config
         self.data = MNIST(data.train.head(config.train_limit), data.test.head(config.test_limit), data.source)

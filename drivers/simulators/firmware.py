@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cim_hil.board import Board
-from cim_hil.emulator.periphery import top_code
+from cim_hil.codes import top_code
 from cim_hil.emulator.tile import EmulatedTile
 from cim_hil.errors import CapabilityError, ConfigError, ShapeError, UnsafeValueError
 from cim_hil.tile import Capability, Counters
@@ -215,10 +215,13 @@ class BoardFirmware:
     def _on_readmap(self, request: m.ReadMap) -> m.Map:
         tile = self._tile(request.tile)
         window = (request.r0, request.r1, request.c0, request.c1)
+        rows, cols = tile.spec.rows, tile.spec.cols
+        # Refuse a window off the tile before reading anything: a read draws noise and costs cycles.
+        if not (request.r0 < request.r1 <= rows and request.c0 < request.c1 <= cols):
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"window {window} does not fit a {rows}x{cols} tile")
         if request.array == 0:
             values = tile.read_conductances(window)
         elif request.array == 1:
-            tile._window(window)  # refuse a bad window before reading anything
             values = tile.read_reference()[request.r0 : request.r1, request.c0 : request.c1]
         else:
             raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"array {request.array} is neither 0 (weights) nor 1 (references)")
