@@ -18,13 +18,18 @@ from cim_hil.nn.mapping import LevelWrite
 from cim_hil.nn.store import WeightStore
 
 Commit = Callable[[], None]
+Agree = Callable[[torch.Tensor], torch.Tensor]
 
 
 class StepProgrammer:
-    """Programs signed steps of the granularity (epsilon) into the weights of ``store``."""
+    """Programs signed steps of the granularity (epsilon) into the weights of ``store``.
 
-    def __init__(self, store: WeightStore) -> None:
-        self.store = store
+    ``agree``, if given, turns the changes (levels, or pulses) the devices took into the ones
+    to record: what data-parallel replicas, each programming its own devices, all record.
+    """
+
+    def __init__(self, store: WeightStore, agree: Agree | None = None) -> None:
+        self.store, self.agree = store, agree
         self.granularity = store.granularity
 
     @torch.no_grad()
@@ -47,6 +52,8 @@ class StepProgrammer:
         before = store.levels.index_select(0, weights)
         after = steps.mul(mapping.config.granularity_levels).add_(before).clamp_(mapping.low, mapping.high)
         reached = LevelWrite(mapping, store.group, store.places.index_select(0, weights), after, before).run()
+        if self.agree is not None:
+            reached = self.agree(reached - before).add_(before)
         level_weight = store.level_weight.index_select(0, weights)
         applied = (reached - before) * level_weight
 
@@ -64,5 +71,7 @@ class StepProgrammer:
             mapping.program_pulses(counts[start:end].view(shape)).reshape(-1)
             for mapping, start, end, shape in zip(store.mappings, store.starts, store.starts[1:], store.shapes)
         ]).index_select(0, weights)
+        if self.agree is not None:
+            pulses = self.agree(pulses)
         applied = pulses * store.granularity.index_select(0, weights)
         return applied, pulses != 0, lambda: store.weights.index_add_(0, weights, applied)

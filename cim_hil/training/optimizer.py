@@ -57,7 +57,10 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         momentum: float = 0.0,
+        agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        """``agree``: data-parallel replicas pass what their devices took through it and record
+        what it returns, the same on every replica (``ProcessGroupWorld.agree``)."""
         if rule not in ("sgd", "adam"):
             raise ValueError(f"rule must be 'sgd' or 'adam', got {rule!r}")
         if not lr > 0:
@@ -69,7 +72,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             _FlatState(group["params"], {name: torch.float32 for name in _rule_names(group)})
             for group in self.param_groups
         ]
-        self._analog = [_AnalogState(store_layers) for store_layers in _by_store(self._layers)]
+        self._analog = [_AnalogState(store_layers, agree) for store_layers in _by_store(self._layers)]
         self._analog_weights = {id(layer.weight) for layer in self._layers}
         self.steps = 0
         self.last_step = {"devices_programmed": 0}
@@ -241,9 +244,9 @@ class _FlatState:
 class _AnalogState:
     """The optimizer's side of one weight store: its programmer, and chi and writes of its weights."""
 
-    def __init__(self, layers: list[AnalogLayer]) -> None:
+    def __init__(self, layers: list[AnalogLayer], agree: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         self.weights = [layer.weight for layer in layers]
-        self.programmer = StepProgrammer(layers[0].stored.store)
+        self.programmer = StepProgrammer(layers[0].stored.store, agree)
         self.state = _FlatState(self.weights, {"chi": torch.float32, "writes": torch.int64})
 
 
