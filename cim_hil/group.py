@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from cim_hil.errors import ShapeError
+from cim_hil.layer_products import Convolution, LayerCut, products_of_blocks
 from cim_hil.tile import Capability, ProgramResult, Tile, Window, require_finite
 
 if TYPE_CHECKING:
@@ -124,6 +125,11 @@ class TileGroup:
             product = tile._backward if transpose else tile._forward
             result[index, :, :width] = product(inputs, width).cpu()
         return result
+
+    def _layer_products(self, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None) -> torch.Tensor:
+        """The backend hook for a whole layer's checked products (see ``layer_products``): the
+        plain version cuts the patches on the host and runs the group's products."""
+        return products_of_blocks(self, cut, codes, convolution)
 
     # ---- programming ----------------------------------------------------------------------
     def program_verify(

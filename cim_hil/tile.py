@@ -49,11 +49,20 @@ class TileSpec:
     levels: int
     v_read: float
     max_pulses_per_call: int
+    default_tolerance_us: float  # write-verify tolerance when a call names none
+    default_max_trials: int  # write-verify budget, in trials per device, when a call names none
     capabilities: frozenset[Capability]
 
     @property
     def level_spacing_us(self) -> float:
         return (self.g_max_us - self.g_min_us) / (self.levels - 1)
+
+    def level_conductance(self, levels: torch.Tensor) -> torch.Tensor:
+        """The conductance (uS, float32) of level indices (integers): g_min + level x spacing,
+        kept within the safe range against float rounding at the top. A host and a board that
+        both compute targets from levels this way agree to the bit (SPEC.md §8.2)."""
+        conductance = (levels.to(torch.int64) * self.level_spacing_us).add_(self.g_min_us)
+        return conductance.clamp_(self.g_min_us, self.g_max_us)
 
     def supports(self, capability: Capability) -> bool:
         return capability in self.capabilities
@@ -231,14 +240,6 @@ class Tile(ABC):
     def _read_reference(self) -> torch.Tensor:
         raise CapabilityError("this tile has no reference devices")
 
-    @property
-    @abstractmethod
-    def default_tolerance_us(self) -> float: ...
-
-    @property
-    @abstractmethod
-    def default_max_trials(self) -> int: ...
-
     # ---- argument checks shared by every backend ------------------------------------------
     def _require(self, capability: Capability) -> None:
         if not self.spec.supports(capability):
@@ -302,10 +303,10 @@ class Tile(ABC):
             )
 
     def _verify_limits(self, tolerance_us: float | None, max_trials: int | None) -> tuple[float, int]:
-        tolerance = self.default_tolerance_us if tolerance_us is None else float(tolerance_us)
+        tolerance = self.spec.default_tolerance_us if tolerance_us is None else float(tolerance_us)
         if not tolerance > 0:
             raise UnsafeValueError(f"tolerance_us must be positive, got {tolerance_us}")
-        trials = self.default_max_trials if max_trials is None else int(max_trials)
+        trials = self.spec.default_max_trials if max_trials is None else int(max_trials)
         if trials < 1:
             raise UnsafeValueError(f"max_trials must be at least 1, got {max_trials}")
         return tolerance, trials

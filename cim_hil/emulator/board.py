@@ -13,7 +13,8 @@ from cim_hil.emulator.store import DeviceStore
 from cim_hil.emulator.tile import EmulatedTile
 from cim_hil.errors import ConfigError
 
-QUERY_FIELDS = {"tiles": "soc", "rows": "soc", "cols": "soc", "transpose": "periphery", "seed": None, "torch_device": None}
+QUERY_FIELDS = {"tiles": "soc", "rows": "soc", "cols": "soc", "first_tile": "soc", "transpose": "periphery", "seed": None,
+                "torch_device": None}
 
 
 def resolve_torch_device(name: str) -> torch.device:
@@ -34,7 +35,8 @@ def build_emulator(config: EmulatorConfig, url: str = "emulator:") -> Board:
     # Every tile's device state in one store: a layer's tiles are one slice of it.
     store = DeviceStore(config.soc.tiles, config.soc.rows, config.soc.cols, torch_device)
     tiles = [
-        EmulatedTile(config, tile_generator(config.seed, index, torch_device), torch_device, (store, index))
+        EmulatedTile(config, tile_generator(config.seed, config.soc.first_tile + index, torch_device), torch_device,
+                     (store, index))
         for index in range(config.soc.tiles)
     ]
     info = {"backend": "emulator", "seed": config.seed, "clock_hz": config.timing.clock_hz}

@@ -21,6 +21,7 @@ from cim_hil.emulator.devices import write_verify_trials
 from cim_hil.emulator.products import ProductPlan
 from cim_hil.errors import ShapeError
 from cim_hil.group import TileGroup
+from cim_hil.layer_products import Convolution, LayerCut, block_inputs, sum_row_blocks, unroll
 from cim_hil.tile import ProgramResult, Tile
 
 if TYPE_CHECKING:
@@ -53,13 +54,26 @@ class EmulatedGroup(TileGroup):
 
     # ---- products -------------------------------------------------------------------------
     def _products(self, x: torch.Tensor, outputs: list[int], transpose: bool, in_range: bool) -> torch.Tensor:
+        return self._plan(outputs, transpose).run(x, in_range)
+
+    def _layer_products(self, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None) -> torch.Tensor:
+        """A layer's products as the chip computes them: the patches cut from the images (on
+        the board, by the same :func:`unroll` a host uses), every tile's ADC codes, the row
+        blocks' codes summed digitally, then one multiply by the LSB."""
+        spec = self.spec
+        plan = self._plan(cut.outputs(spec.cols), False)
+        inputs = unroll(codes, convolution, by_column=cut.row_blocks == 1) if convolution is not None else codes
+        summed = sum_row_blocks(plan.output_codes(block_inputs(inputs, cut, spec.rows)), cut)
+        return summed.mul_(plan.adc.lsb)  # a view of codes made here: scaled in place
+
+    def _plan(self, outputs: list[int], transpose: bool) -> ProductPlan:
         key = (tuple(outputs), transpose)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= MAX_KEPT_PLANS:  # a caller that varies its output counts keeps no more than this
                 self._plans.clear()
             plan = self._plans[key] = ProductPlan(self, key[0], transpose)
-        return plan.run(x, in_range)
+        return plan
 
     def _matrices(self, factor: float) -> torch.Tensor:
         """(G - G_ref) * ``factor`` of the tiles, (tiles, rows, cols): a forward and a transpose

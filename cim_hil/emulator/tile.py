@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import numpy as np
 import torch
 
 from cim_hil.config import EmulatorConfig
@@ -18,6 +19,13 @@ from cim_hil.emulator.store import DeviceStore
 from cim_hil.emulator.timing import TimingModel
 from cim_hil.group import program_masked
 from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
+
+
+def as_float32(value: float) -> float:
+    """``value`` as the nearest binary32: what a board reports of it (INFO's fields are f32), so
+    a host computes the same levels, scales and targets from this spec as from a board's."""
+    return float(np.float32(value))
+
 
 READ_FULL_SCALE_HEADROOM = 1.25  # conductance reads convert over [0, 1.25 * g_max] (ours)
 
@@ -52,11 +60,13 @@ class EmulatedTile(Tile):
             cols=cols,
             input_bits=per.input_bits,
             output_bits=per.output_bits,
-            g_min_us=dev.g_min_us,
-            g_max_us=dev.g_max_us,
+            g_min_us=as_float32(dev.g_min_us),
+            g_max_us=as_float32(dev.g_max_us),
             levels=dev.levels,
-            v_read=per.v_read,
+            v_read=as_float32(per.v_read),
             max_pulses_per_call=config.write_verify.max_pulses_per_call,
+            default_tolerance_us=config.write_verify.tolerance_levels * dev.level_spacing_us,
+            default_max_trials=config.write_verify.max_trials,
             capabilities=frozenset(capabilities),
         )
         self.counters = Counters(clock_hz=config.timing.clock_hz)
@@ -77,14 +87,6 @@ class EmulatedTile(Tile):
         # Without reference devices the periphery subtracts a fixed mid-range current.
         self.fixed_reference_us = (dev.g_min_us + dev.g_max_us) / 2
         self._alone = EmulatedGroup([self])
-
-    @property
-    def default_tolerance_us(self) -> float:
-        return self.config.write_verify.tolerance_levels * self.config.device.level_spacing_us
-
-    @property
-    def default_max_trials(self) -> int:
-        return self.config.write_verify.max_trials
 
     # ---- emulator state (checkpoints) -----------------------------------------------------
     def state_dict(self) -> dict:
