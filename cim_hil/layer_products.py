@@ -7,9 +7,9 @@ convolution (:class:`Convolution`) is one such product over every patch of its i
 :func:`layer_products` takes the inputs as DAC codes, and a convolution's as whole images:
 a backend that can cut the patches itself (the firmware protocol's LAYER_FORWARD) is sent each
 image once instead of every patch, and one set of summed outputs per layer comes back. The
-plain version here, which any backend gets, cuts the patches on the host with :func:`unroll`
-and runs the tiles through ``products_together``; the emulator and the reference firmware use
-the same :func:`unroll`, so host-cut and board-cut patches give the same numbers.
+plain version here, which any group of tiles gets, cuts the patches on the host with
+:func:`unroll` and runs the group's products; the emulator and the reference firmware use the
+same :func:`unroll`, so host-cut and board-cut patches give the same numbers.
 """
 
 from __future__ import annotations

@@ -21,14 +21,18 @@ def count_tiles(model: nn.Module, rows: int, cols: int, pack: bool = False) -> i
 
 
 def convert_to_analog(
-    model: nn.Module, board: Board, config: MappingConfig | None = None, placement: Placement | None = None
+    model: nn.Module, board: Board, config: MappingConfig | None = None, placement: Placement | None = None,
+    layer_configs: dict[str, MappingConfig] | None = None,
 ) -> nn.Module:
     """A copy of ``model`` whose Linear and Conv2d layers run on ``board``'s tiles where
     ``placement`` puts them (default: one block per tile, in module order); layers the plan
     keeps on the host stay as they are. The initial weights are programmed with write-verify.
-    The analog layers' weights are views of one :class:`~cim_hil.nn.store.WeightStore`, which
-    the mixed-precision optimizer programs in one go."""
+    ``layer_configs`` overrides ``config`` for the layers it names (module names, as
+    ``named_modules`` gives them). The analog layers' weights are views of a
+    :class:`~cim_hil.nn.store.WeightStore`, one for the layers of each mapping config, which the
+    mixed-precision optimizer programs in one go."""
     config = config or MappingConfig()
+    layer_configs = layer_configs or {}
     spec = board[0].spec
     if placement is None:
         placement = plan_placement(model, spec.rows, spec.cols, pack=False, tiles=len(board), where=f"the board at {board.url}")
@@ -45,17 +49,24 @@ def convert_to_analog(
     if not converted:
         return analog
     shapes = {shape.name: shape for shape in placement.layers}
-    store = WeightStore(board.group(board.tiles[: placement.tiles_used]),
-                        [(shapes[name].outputs, shapes[name].inputs) for name, _ in converted],
-                        levels=config.programming == "write_verify")
-    for index, (name, module) in enumerate(converted):
+    configs = {name: layer_configs.get(name, config) for name, _ in converted}
+    by_config: dict[str, list[str]] = {}  # the layers of each config, in module order
+    for name, _ in converted:
+        by_config.setdefault(configs[name].model_dump_json(), []).append(name)
+    whole = board.group(board.tiles[: placement.tiles_used])
+    parts = {}
+    for names in by_config.values():
+        store = WeightStore(whole, [(shapes[name].outputs, shapes[name].inputs) for name in names],
+                            levels=configs[names[0]].programming == "write_verify")
+        parts.update({name: store.part(index) for index, name in enumerate(names)})
+    for name, module in converted:
         blocks = placement.blocks_of(name)
         tile_indices = list(dict.fromkeys(block.tile for block in blocks))  # distinct, in order of first use
         spots = [(tile_indices.index(block.tile), block.row, block.col) for block in blocks]
         layer_type = AnalogLinear if isinstance(module, nn.Linear) else AnalogConv2d
         group = board.group([board.tiles[i] for i in tile_indices])
-        _replace(analog, name, layer_type(module, group, config, spots, not placement.shares_tiles(name),
-                                          store.part(index)))
+        _replace(analog, name, layer_type(module, group, configs[name], spots, not placement.shares_tiles(name),
+                                          parts[name]))
     return analog
 
 
