@@ -88,6 +88,15 @@ class CompositeBoard(Board):
             total = total + counters
         return total
 
+    def link_traffic(self) -> dict[str, float]:
+        """The members' links summed (members wait at the same time, so ``link_seconds`` can
+        exceed the wall time); empty when no member has a link."""
+        total: dict[str, float] = {}
+        for member in self.members:
+            for name, value in member.link_traffic().items():
+                total[name] = total.get(name, 0) + value
+        return total
+
     def info(self) -> dict[str, Any]:
         return {**super().info(), "members": [member.info() for member in self.members]}
 
