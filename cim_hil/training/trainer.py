@@ -110,10 +110,15 @@ def _since(before: dict[str, float], now: dict[str, float]) -> dict[str, float]:
 
 
 class Trainer:
-    """``world``: this process's place among data-parallel ranks (``cim_hil.training.distributed``);
+    """One training run of LeNet-5 on ``data`` as ``config`` says, writing into ``out_dir``:
+    the board it opens, the analog model and its mixed-precision optimizer (or the float
+    baseline), the epochs done and their metrics. ``fit`` trains and checkpoints after every
+    epoch; ``resume`` picks a run up from its checkpoint. ``progress`` shows a bar per epoch.
+    ``world``: this process's place among data-parallel ranks (``cim_hil.training.distributed``);
     alone by default, where every collective is the identity. ``calibrate`` zero-shifts one tile
     (``calibration.calibrate_references``): what TTv2 and c-TTv2 need for A, and
-    ``mapping.reference = "calibrated"`` for the model's tiles."""
+    ``mapping.reference = "calibrated"`` for the model's tiles.
+    """
 
     def __init__(self, config: TrainConfig, data: MNIST, out_dir: str | Path, progress: bool = True,
                  world: World | None = None, calibrate: Calibrate | None = None) -> None:

@@ -11,10 +11,16 @@ from cim_hil.training.optimizer import MixedPrecisionOptimizer
 
 
 class NoAccumulationOptimizer(MixedPrecisionOptimizer):
-    def _program(self, analog: dict[int, torch.Tensor]) -> int:
-        programmed = super()._program(analog)
-        for layer in self._layers.values():
-            chi = self.state[layer.weight].get("chi")
-            if chi is not None:
-                chi.zero_()
-        return programmed
+    def _program(self, analog, updates: dict[int, torch.Tensor]):
+        programmed, commit = super()._program(analog, updates)
+        weights = [w for w in analog.weights if id(w) in updates]
+
+        def commit_and_drop() -> None:
+            commit()
+            if weights:
+                state = analog.state
+                chosen = state.index_of(weights)
+                state.write({"chi": torch.zeros_like(state.read("chi", chosen)), "writes": state.read("writes", chosen)},
+                            chosen, weights, self.state)
+
+        return programmed, commit_and_drop
