@@ -26,7 +26,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--data-dir", help="directory with the MNIST IDX files (default: offline data)")
     train.add_argument("--download", action="store_true", help="download the IDX files into --data-dir")
     train.add_argument("--out", default="runs/lenet", help="run directory: metrics, curves, checkpoint")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out with the configuration its checkpoint holds")
+    train.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(run=run_train)
 
@@ -35,7 +37,9 @@ def run_train(args: argparse.Namespace) -> None:
     """Train LeNet-5 on MNIST (mixed precision on the emulator by default); resume with --resume."""
     from cim_hil.config import load_config, validate
     from cim_hil.training import TrainConfig, Trainer
+    from cim_hil.errors import ConfigError
     from cim_hil.training.mnist import load_mnist
+    from cim_hil.training.rundir import RunDirectory
 
     base = load_config(args.config, TrainConfig).model_dump() if args.config else {}
     flags = {
@@ -52,15 +56,23 @@ def run_train(args: argparse.Namespace) -> None:
         "host_layers": None if args.host_layers is None else (
             "auto" if args.host_layers == "auto" else [name for name in args.host_layers.split(",") if name]),
     }
-    config = validate(TrainConfig, {**base, **{k: v for k, v in flags.items() if v is not None}})
-    data = load_mnist(args.data_dir, download_missing=args.download, seed=config.seed)
-    print(f"data: {data.source}", file=sys.stderr)
+    given = {k: v for k, v in flags.items() if v is not None}
     progress = not args.no_progress
     if args.resume:
-        trainer = Trainer.resume(args.out, data, progress)
+        if args.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite starts a new one: give one of them")
+        state = Trainer.read_checkpoint(args.out)
+        _refuse_conflicts(state["config"], {**base, **given}, args.out)
+        data = load_mnist(args.data_dir, download_missing=args.download, seed=state["config"]["seed"])
+        print(f"data: {data.source}", file=sys.stderr)
+        trainer = Trainer.resume(args.out, data, progress, state)
         print(f"resuming {args.out} after epoch {trainer.epoch}", file=sys.stderr)
     else:
-        trainer = Trainer(config, data, args.out, progress)
+        config = validate(TrainConfig, {**base, **given})
+        RunDirectory(args.out).claim(args.overwrite)  # before the data is read or a board opened
+        data = load_mnist(args.data_dir, download_missing=args.download, seed=config.seed)
+        print(f"data: {data.source}", file=sys.stderr)
+        trainer = Trainer(config, data, args.out, progress, overwrite=args.overwrite)
     if trainer.placement is not None:
         print(f"placement: {trainer.placement.summary()} (in {args.out}/placement.json)", file=sys.stderr)
     history = trainer.fit(args.epochs)
@@ -68,3 +80,23 @@ def run_train(args: argparse.Namespace) -> None:
     if trainer.board is not None:
         summary["board"] = trainer.board.info()
     print(json.dumps(summary, indent=2))
+
+
+RESUMABLE = {"epochs"}  # a resumed run may be given more epochs; everything else is the run's own
+
+
+def _refuse_conflicts(saved: dict, asked: dict, out: str) -> None:
+    """A flag (or --config field) that disagrees with the checkpoint's configuration is refused."""
+    from cim_hil.errors import ConfigError
+
+    for field, value in asked.items():
+        if field in RESUMABLE or field not in saved:
+            continue
+        if isinstance(value, dict) and isinstance(saved[field], dict):
+            _refuse_conflicts(saved[field], value, out)
+        elif value != saved[field]:
+            flag = "--float" if field == "float_baseline" else "--" + field.replace("_", "-")
+            raise ConfigError(
+                f"{flag} {value} conflicts with the run in {out}, which has {field} = {saved[field]}; a resumed run "
+                f"keeps its configuration (start a new run with --overwrite or another --out to change it)"
+            )
