@@ -31,8 +31,9 @@ DEVICE = {"step_up_us": 0.4, "step_down_us": 0.1, "step_d2d": 0.3}
 TILES = 5
 LEARNING_RATES = (0.02, 0.05, 0.1, 0.2)
 # Steps a fifth of the reference chip's need a longer search to land within one step of G*
-# (about 10,000 pulses per device): more pairs between reads, more reads, a tighter tolerance.
-SEARCH = SymmetrySearchConfig(pairs_per_block=50, reads_per_estimate=8, max_pairs=20000, tolerance_levels=0.05,
+# (about 10,000 pulses per device): more pairs between reads, a tighter tolerance, and 32 reads
+# per estimate, since the step at G* (0.03 to 0.1 uS) is a fraction of one read's noise.
+SEARCH = SymmetrySearchConfig(pairs_per_block=50, reads_per_estimate=32, max_pairs=20000, tolerance_levels=0.05,
                               settle_blocks=60)
 # Both arms: the nominal pulse step is the step at the symmetry point, where up and down
 # steps are equal, a_up * a_down / (a_up + a_down); weights fill a range the devices can reach
