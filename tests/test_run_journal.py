@@ -16,7 +16,7 @@ import pytest
 from cim_hil.cli import main
 
 TINY = ["--train-limit", "64", "--test-limit", "40", "--batch-size", "32", "--no-progress"]
-EPOCHS = 4
+EPOCHS = 3
 
 
 def _train(out: Path, *extra: str, **popen) -> subprocess.Popen:
