@@ -174,6 +174,13 @@ def test_cli_refuses_bad_numbers_in_one_line(tmp_path, capsys):
     assert "is not a cim-hil checkpoint (it holds a list)" in capsys.readouterr().err
 
 
+def test_calibrate_checks_its_out_before_touching_the_board(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["calibrate", "symmetry", "--zero-shift", "--board", "nowhere:",  # never reached
+                 "--out", str(tmp_path / "file"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"cim-hil: error: --out {tmp_path / 'file'} is a file, not a directory\n"
+
+
 def test_socket_urls_without_a_usable_port_are_named(capsys):
     for url, message in [("socket://127.0.0.1:99999", "port 99999 is outside 1..65535"),
                          ("socket://127.0.0.1", "needs a port")]:

@@ -82,7 +82,7 @@ class RunDirectory:
         if not path.is_file():
             raise CimHilError(f"no checkpoint to resume from at {path}")
         try:
-            state = torch.load(path, weights_only=False)
+            state = torch.load(path, weights_only=True)  # tensors and plain data only: a pickle runs no code
         except Exception as error:  # a damaged file is a user-facing problem, not a traceback
             raise CimHilError(f"checkpoint {path} cannot be read: {error}") from None
         if not isinstance(state, dict) or "format" not in state:
