@@ -85,7 +85,7 @@ class RunDirectory:
             state = torch.load(path, weights_only=True)  # tensors and plain data only: a pickle runs no code
         except Exception as error:  # a damaged file is a user-facing problem, not a traceback
             raise CimHilError(f"checkpoint {path} cannot be read: {error}") from None
-        if not isinstance(state, dict) or "format" not in state:
+        if not isinstance(state, dict) or not {"config", "model", "epoch"} <= state.keys():
             raise CimHilError(f"{path} is not a cim-hil checkpoint (it holds a {type(state).__name__})")
         self._drop_partials()
         return state
