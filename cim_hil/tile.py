@@ -58,6 +58,13 @@ class TileSpec:
     def level_spacing_us(self) -> float:
         return (self.g_max_us - self.g_min_us) / (self.levels - 1)
 
+    def level_conductance(self, levels: torch.Tensor) -> torch.Tensor:
+        """The conductance (uS, float32) of level indices (integers): g_min + level x spacing,
+        kept within the safe range against float rounding at the top. A host and a board that
+        both compute targets from levels this way agree to the bit (SPEC.md §8.2)."""
+        conductance = (levels.to(torch.int64) * self.level_spacing_us).add_(self.g_min_us)
+        return conductance.clamp_(self.g_min_us, self.g_max_us)
+
     def supports(self, capability: Capability) -> bool:
         return capability in self.capabilities
 

@@ -16,6 +16,7 @@ import re
 import select
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 
 import serial
@@ -27,6 +28,8 @@ from firmware_protocol.framing import MAX_ENCODED, MAX_PAYLOAD, Frame, FrameDeco
 from firmware_protocol.messages import REGISTRY, Ack, Error, ErrorCode, Message, Next, Reassembler, fragments
 
 BITS_PER_BYTE = 10  # 8N1: start bit, 8 data bits, stop bit
+NEXT_WINDOW = 8  # pieces of a long reply asked for at once (SPEC.md §8.4)
+NEXT_PAYLOAD = 4  # NEXT's u32 piece number
 
 
 @dataclass
@@ -87,6 +90,8 @@ class Link:
         self.max_payload = MAX_PAYLOAD
         self.stats = LinkStats()
         self._decoder = FrameDecoder()
+        self._inbox: deque[Frame] = deque()  # decoded frames not yet looked at
+        self.window = NEXT_WINDOW
         # A fresh start keeps a restarted host from colliding with the seq the board last saw.
         self._seq = random.randrange(1, 0x10000)
         # One request (every fragment, retry and NEXT of it) owns the line until its reply is
@@ -94,10 +99,11 @@ class Link:
         self._lock = threading.RLock()
 
     # ---- requests ---------------------------------------------------------------------------
-    def request(self, message: Message, expect: type[Message]) -> Message:
+    def request(self, message: Message, expect: type[Message], reply_size: int | None = None) -> Message:
         """Send ``message``, return the board's reply of type ``expect``; ERROR replies raise
         :class:`BoardRefused` (or UnsafeValueError for OUT_OF_RANGE). Thread-safe: one
-        request at a time holds the line."""
+        request at a time holds the line. ``reply_size``, the reply's payload bytes where the
+        caller can tell (at least), keeps the host from asking for pieces past the reply's end."""
         with self._lock:
             started = time.perf_counter()
             self.stats.requests += 1
@@ -113,7 +119,7 @@ class Link:
                     answer = self._exchange(frame)
                     if answer.type != Ack.TYPE:
                         self._raise_error(answer, frame)
-                reply = self._collect(self._exchange(frames[-1]))
+                reply = self._collect(self._exchange(frames[-1]), reply_size)
             finally:
                 self.stats.seconds += time.perf_counter() - started
         if isinstance(reply, Error):
@@ -130,6 +136,7 @@ class Link:
         with self._lock:
             self._io(lambda: (self.port.write(b"\x00\x00"), self.port.flush(), self.port.reset_input_buffer()))
             self._decoder = FrameDecoder()
+            self._inbox.clear()
 
     def close(self) -> None:
         with self._lock:
@@ -143,24 +150,83 @@ class Link:
         self._seq = (self._seq + 1) & 0xFFFF
         return self._seq
 
-    def _collect(self, first: Frame) -> Message:
-        """The whole reply that starts with ``first``, fetching further pieces with NEXT."""
+    def _collect(self, first: Frame, reply_size: int | None = None) -> Message:
+        """The whole reply that starts with ``first``: further pieces are asked for by number
+        with NEXT, up to ``window`` at once (SPEC.md §8.4), so the line does not wait a round
+        trip per piece. A lost answer is asked for again with the same seq; asking twice for
+        one piece is harmless. Past the pieces ``reply_size`` promises, one is asked at a time."""
+        promised = -(-reply_size // MAX_PAYLOAD) if reply_size else None
+        pieces, end, beyond = {0: first}, None if first.more else 0, None  # end: the last piece's number
+        flight: dict[int, list] = {}  # seq -> [piece, wire, deadline, tries]
+        wanted = 1
+        while end is None or len(pieces) <= end:
+            limit = end + 1 if end is not None else beyond
+            while len(flight) < self.window and (limit is None or wanted < limit) and (
+                    promised is None or wanted < promised or not flight):
+                seq = self._take_seq()
+                flight[seq] = [wanted, encode_frame(Frame(Next.TYPE, seq, Next(wanted).encode())), 0.0, 0]
+                self._send(flight[seq])
+                wanted += 1
+            if not flight:
+                raise BoardError(f"board on {self.name} ended a reply without its last piece")
+            frame = self._await(flight, Next.TYPE, min(entry[2] for entry in flight.values()))
+            if frame is None:
+                for entry in flight.values():
+                    if entry[2] <= time.monotonic():
+                        self._resend(entry)
+                continue
+            piece = flight.pop(frame.seq)[0]
+            if frame.type == Error.TYPE:
+                error = self._decode(frame)
+                if error.code != ErrorCode.NO_PENDING_REPLY:
+                    self._raise_refusal(error)
+                beyond = piece if beyond is None else min(beyond, piece)  # asked past the end
+                continue
+            pieces[piece] = frame
+            if not frame.more:
+                end = piece
+                flight = {seq: entry for seq, entry in flight.items() if entry[0] < piece}
         reassembler = Reassembler()
-        frame = first
-        while True:
-            try:
-                message = reassembler.add(frame)
-            except ProtocolError as error:
-                raise BoardError(f"board on {self.name} sent a malformed {_type_name(frame.type)}: {error}") from None
-            if message is not None:
-                return message
-            frame = self._exchange(Frame(Next.TYPE, self._take_seq()))
+        for index in range(end + 1):
+            message = self._decode(pieces[index], reassembler)
+        return message
+
+    def _decode(self, frame: Frame, reassembler: Reassembler | None = None) -> Message | None:
+        try:
+            return (reassembler or Reassembler()).add(frame)
+        except ProtocolError as error:
+            raise BoardError(f"board on {self.name} sent a malformed {_type_name(frame.type)}: {error}") from None
+
+    def _send(self, entry: list) -> None:
+        """Write an in-flight NEXT ([piece, wire, deadline, tries]) and start its timeout."""
+        wire = entry[1]
+        self._io(lambda: self.port.write(wire))
+        self.stats.frames_out += 1
+        self.stats.bytes_out += len(wire)
+        self.stats.payload_bytes_out += NEXT_PAYLOAD
+        entry[2] = time.monotonic() + self._timeout(len(wire), self.window)
+        entry[3] += 1
+
+    def _resend(self, entry: list) -> None:
+        if entry[3] > self.config.retries:
+            self.resynchronise()
+            raise BoardNotAnswering(
+                f"board on {self.name} did not answer NEXT ({self.config.retries + 1} tries); check the cable, "
+                f"the port and the baud rate ({self.config.baudrate})"
+            )
+        self.stats.retries += 1
+        self._send(entry)
+
+    def _timeout(self, wire_bytes: int, answers: int = 1) -> float:
+        """How long to wait for an answer: the response timeout plus the line time of the frame
+        and of ``answers`` longest answers (with NEXTs in flight, those queued ahead of it)."""
+        line_s = (wire_bytes + answers * MAX_ENCODED) * BITS_PER_BYTE / self.config.baudrate
+        return self.config.response_timeout_s + line_s
 
     def _exchange(self, frame: Frame) -> Frame:
         """Send ``frame`` until a valid answer with its seq arrives; re-sends keep the seq."""
         wire = encode_frame(frame)
-        line_s = (len(wire) + MAX_ENCODED) * BITS_PER_BYTE / self.config.baudrate
-        timeout = self.config.response_timeout_s + line_s
+        timeout = self._timeout(len(wire))
         for attempt in range(self.config.retries + 1):
             if attempt:
                 self.stats.retries += 1
@@ -168,7 +234,7 @@ class Link:
             self.stats.frames_out += 1
             self.stats.bytes_out += len(wire)
             self.stats.payload_bytes_out += len(frame.payload)
-            answer = self._await(frame, time.monotonic() + timeout)
+            answer = self._await({frame.seq}, frame.type, time.monotonic() + timeout)
             if answer is not None:
                 return answer
         self.resynchronise()
@@ -178,28 +244,33 @@ class Link:
             f"and the baud rate ({self.config.baudrate})"
         )
 
-    def _await(self, sent: Frame, deadline: float) -> Frame | None:
-        while time.monotonic() < deadline:
-            data = self._io(lambda: self._read_some(deadline))
-            self.stats.bytes_in += len(data)
-            rejected_before = self._decoder.rejected
-            frames = self._decoder.feed(data)
-            self.stats.rejected_frames += self._decoder.rejected - rejected_before
-            for frame in frames:
+    def _await(self, seqs, sent_type: int, deadline: float) -> Frame | None:
+        """The first valid answer to one of the frames sent with ``seqs``, or None at the
+        deadline (or on the board's BAD_CRC, which is a timeout). Frames that arrive together
+        wait in the inbox for the next call."""
+        while True:
+            while self._inbox:
+                frame = self._inbox.popleft()
                 self.stats.frames_in += 1
-                if frame.type == sent.type and frame.seq == sent.seq and not frame.type & 0x80:
+                if frame.type == sent_type and frame.seq in seqs and not frame.type & 0x80:
                     raise BoardError(
                         f"the link on {self.name} echoes what it is sent (loop:// or a loopback plug?); "
                         "no board is answering"
                     )
                 if frame.type == Error.TYPE and frame.payload[:1] == bytes([ErrorCode.BAD_CRC]):
                     return None  # never an answer, whatever its seq (SPEC.md §3): re-send now
-                if frame.seq != sent.seq or not frame.type & 0x80:
+                if frame.seq not in seqs or not frame.type & 0x80:
                     self.stats.stale_frames += 1
                     continue
                 self.stats.payload_bytes_in += len(frame.payload)
                 return frame
-        return None
+            if time.monotonic() >= deadline:
+                return None
+            data = self._io(lambda: self._read_some(deadline))
+            self.stats.bytes_in += len(data)
+            rejected_before = self._decoder.rejected
+            self._inbox.extend(self._decoder.feed(data))
+            self.stats.rejected_frames += self._decoder.rejected - rejected_before
 
     def _read_some(self, deadline: float) -> bytes:
         if self._fd is None:

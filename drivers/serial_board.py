@@ -14,6 +14,7 @@ in-process emulator's numbers.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,12 +26,17 @@ from cim_hil.board import Board
 from cim_hil.config import LinkConfig
 from cim_hil.codes import input_codes
 from cim_hil.errors import BoardError, ConfigError, UnsafeValueError
+from cim_hil.layer_products import Convolution, LayerCut, products_of_blocks
 from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
 from drivers.link import BoardRefused, Link
 from firmware_protocol import messages as m
+from firmware_protocol.codes import CodeFormat
 from firmware_protocol.framing import MAX_PAYLOAD, VERSION
 
-MAX_BATCH = 0xFFFF  # FORWARD's batch field is u16; longer batches go as several requests
+MAX_BATCH = 0xFFFF  # FORWARD's and LAYER_FORWARD's batch field is u16; longer batches go as several requests
+MAX_REPORTED_TRIALS = 255  # DEVICES_REPORT's trials are a u8; larger budgets go as whole-tile PROGRAMs
+
+
 class SerialTile(Tile):
     """One tile of a board reached through ``link``; its numbers come from the board."""
 
@@ -129,6 +135,71 @@ class SerialTile(Tile):
             failed=torch.from_numpy(reply.failed.astype(bool)),
             tolerance_us=tolerance_us,
         )
+
+
+    # ---- a whole layer, and named devices of many tiles, in one request each (SPEC.md §8) ----
+    @classmethod
+    def _layer_products(
+        cls, tiles: list[SerialTile], cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None
+    ) -> torch.Tensor:
+        """One LAYER_FORWARD: each sample (or image) sent once, as compact codes; the board cuts
+        the patches and sums the row blocks' codes, so one set of outputs comes back."""
+        first = tiles[0]
+        if any(tile.link is not first.link for tile in tiles):
+            return products_of_blocks(tiles, cut, codes, convolution)
+        spec, info = first.spec, first.board_info
+        in_format = CodeFormat.I8_ZERO_RUNS if spec.input_bits <= 8 else CodeFormat.I16
+        out_format = CodeFormat.I8_ESCAPED  # sums of the row blocks may pass one byte; most do not
+        geometry = None
+        if convolution is not None:
+            channels_last = codes.is_contiguous(memory_format=torch.channels_last) and not codes.is_contiguous()
+            geometry = m.Geometry(int(channels_last), convolution.channels, convolution.height, convolution.width,
+                                  convolution.kernel, convolution.stride, convolution.padding, convolution.dilation)
+            codes = codes.permute(0, 2, 3, 1) if channels_last else codes
+        wire = codes.reshape(len(codes), -1).numpy().astype(np.int16)
+        tile_indices = np.array([tile.index for tile in tiles], dtype=np.uint16)
+        parts = []
+        for start in range(0, max(len(wire), 1), MAX_BATCH):
+            request = m.LayerForward(int(in_format), int(out_format), cut.row_blocks, cut.col_blocks, cut.in_features,
+                                     cut.out_features, tile_indices, geometry, wire[start : start + MAX_BATCH])
+            rows = len(request.codes) * (math.prod(convolution.out_size) if convolution is not None else 1)
+            reply = first.link.request(request, m.LayerProducts, reply_size=8 + rows * cut.out_features)
+            parts.append(torch.from_numpy(reply.codes.astype(np.float32)) * info.forward_lsb_ua)
+        return torch.cat(parts)
+
+    @classmethod
+    def _program_devices(
+        cls, tiles: list[SerialTile], devices: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor,
+        tolerance_us: float, max_trials: int,
+    ) -> ProgramResult:
+        """One PROGRAM_DEVICES for the named devices of every tile: targets as level indices
+        where each is exactly a level's conductance, a compact report back."""
+        first = tiles[0]
+        if max_trials > MAX_REPORTED_TRIALS or any(tile.link is not first.link for tile in tiles):
+            return super()._program_devices(tiles, devices, targets, reference, tolerance_us, max_trials)
+        spec = first.spec
+        per_tile = spec.rows * spec.cols
+        board_tiles = torch.tensor([tile.index for tile in tiles])[devices.div(per_tile, rounding_mode="floor")]
+        places, arrays = devices % per_tile, reference.to(torch.int64)
+        # Sorted by (tile, array, place): each tile's array is one group of the request.
+        order = ((board_tiles * 2 + arrays) * per_tile + places).argsort()
+        chosen = targets.cpu().index_select(0, order)
+        levels = chosen.sub(spec.g_min_us).div_(spec.level_spacing_us).round_().clamp_(0, spec.levels - 1).to(torch.int64)
+        if torch.equal(spec.level_conductance(levels), chosen):
+            wire_targets = levels.numpy().astype(np.uint8 if spec.levels <= 256 else np.uint16)
+        else:
+            wire_targets = chosen.numpy().astype(np.float32)
+        request = m.ProgramDevices(max_trials, tolerance_us, board_tiles[order].numpy().astype(np.uint16),
+                                   arrays[order].numpy().astype(np.uint8), places[order].numpy().astype(np.uint16),
+                                   wire_targets)
+        reply = first.link.request(request, m.DevicesReport, reply_size=4 + 3 * len(devices) + (len(devices) + 7) // 8)
+        if len(reply.reached_codes) != len(devices):
+            raise BoardError(f"board on {first.link.name} reported {len(reply.reached_codes)} devices of {len(devices)}")
+        reached, trials, failed = (torch.empty(len(devices), dtype=dtype) for dtype in (torch.float32, torch.int64, torch.bool))
+        reached[order] = torch.from_numpy(reply.reached_codes.astype(np.float32)) * first.board_info.read_lsb_us
+        trials[order] = torch.from_numpy(reply.trials.astype(np.int64))
+        failed[order] = torch.from_numpy(reply.failed)
+        return ProgramResult(reached, trials, failed, tolerance_us)
 
 
 class SerialBoard(Board):

@@ -1,7 +1,7 @@
 """Frames on the wire: header + payload + CRC-16, COBS-encoded between 0x00 delimiters.
 
     offset  size  field
-    0       1     version        (2)
+    0       1     version        (3)
     1       1     type
     2       2     sequence number (u16 LE)
     4       1     flags          (bit 0: MORE, another fragment of this message follows)
@@ -31,7 +31,7 @@ from firmware_protocol.errors import (
     VersionError,
 )
 
-VERSION = 2
+VERSION = 3
 MAX_PAYLOAD = 1024
 HEADER = struct.Struct("<BBHBH")
 CRC = struct.Struct("<H")

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from firmware_protocol.codes import code_format, decode_codes, encode_codes
 from firmware_protocol.errors import PayloadError, ProtocolError, UnknownMessageError
 from firmware_protocol.framing import FLAG_MORE, MAX_PAYLOAD, Frame
 
@@ -412,10 +413,13 @@ class Reset(Message):
 
 @dataclass(frozen=True, eq=False)
 class Next(Message):
-    """Ask for the next fragment of a reply whose last fragment had MORE set."""
+    """Ask for piece ``piece`` (1, 2, ...) of the pending reply; piece 0 answered the
+    request's last fragment. Naming the piece makes NEXT safe to repeat, so a host may keep
+    several in flight (SPEC.md §8.4)."""
 
     TYPE = 0x09
-    encode, decode = _simple("")
+    piece: int
+    encode, decode = _simple("I", "piece")
 
 
 @dataclass(frozen=True, eq=False)
@@ -450,6 +454,236 @@ class Error(Message):
         except UnicodeDecodeError:
             raise PayloadError("Error: text is not UTF-8") from None
         return cls(code, request_type, text)
+
+
+# ---- version 3: named-device write-verify and layer products (SPEC.md §8) -----------------
+
+_DEVICES_HEAD = struct.Struct("<HfBxH")  # max_trials, tolerance_us, target_format, groups
+_GROUP_HEAD = struct.Struct("<HBxH")  # tile, array, count
+_TARGET_DTYPES = {1: "u1", 2: "<u2", 3: "<f4"}  # level index u8, level index u16, f32 uS
+
+
+def _target_format(targets: np.ndarray) -> int:
+    for form, dtype in _TARGET_DTYPES.items():
+        if targets.dtype == np.dtype(dtype):
+            return form
+    raise ProtocolError(f"ProgramDevices: targets must be uint8 or uint16 level indices or float32 uS, got {targets.dtype}")
+
+
+@dataclass(frozen=True, eq=False)
+class ProgramDevices(Message):
+    """Write-verify named devices of any tiles and either array in one request.
+
+    Per device (parallel arrays, in the request's order): its tile, array (0 weight, 1
+    reference), place (row x cols + col) and target: a level index (uint8/uint16) or uS
+    (float32). On the wire, each maximal run of devices with the same tile and array is one
+    group, so a device costs its place and its target: 3 bytes with u8 levels.
+    """
+
+    TYPE = 0x0A
+    max_trials: int
+    tolerance_us: float
+    tiles: np.ndarray
+    arrays: np.ndarray
+    places: np.ndarray
+    targets: np.ndarray
+
+    def encode(self) -> bytes:
+        form = _target_format(self.targets)
+        tiles, arrays = np.asarray(self.tiles, dtype=np.int64), np.asarray(self.arrays, dtype=np.int64)
+        if not (len(tiles) == len(arrays) == len(self.places) == len(self.targets)):
+            raise ProtocolError("ProgramDevices: tiles, arrays, places and targets must have one entry per device")
+        cuts = np.flatnonzero((np.diff(tiles) != 0) | (np.diff(arrays) != 0)) + 1
+        bounds = [0, *cuts.tolist(), len(tiles)] if len(tiles) else [0]
+        places = np.ascontiguousarray(self.places, dtype="<u2")
+        targets = np.ascontiguousarray(self.targets, dtype=_TARGET_DTYPES[form])
+        parts = [_DEVICES_HEAD.pack(self.max_trials, self.tolerance_us, form, len(bounds) - 1)]
+        for start, end in zip(bounds, bounds[1:]):
+            parts.append(_GROUP_HEAD.pack(int(tiles[start]), int(arrays[start]), end - start))
+            parts.append(places[start:end].tobytes())
+            parts.append(targets[start:end].tobytes())
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "ProgramDevices":
+        trials, tolerance, form, groups = _head(_DEVICES_HEAD, payload, "ProgramDevices")
+        if form not in _TARGET_DTYPES:
+            raise PayloadError(f"ProgramDevices: target format {form} is none of 1 (u8 level), 2 (u16 level), 3 (f32 uS)")
+        dtype = np.dtype(_TARGET_DTYPES[form])
+        offset, tiles, arrays, places, targets = _DEVICES_HEAD.size, [], [], [], []
+        for group in range(groups):
+            if len(payload) - offset < _GROUP_HEAD.size:
+                raise PayloadError(f"ProgramDevices: payload ends inside the header of group {group} of {groups}")
+            tile, array, count = _GROUP_HEAD.unpack_from(payload, offset)
+            offset += _GROUP_HEAD.size
+            size = count * (2 + dtype.itemsize)
+            if len(payload) - offset < size:
+                raise PayloadError(f"ProgramDevices: group {group} names {count} devices, the payload ends before them")
+            places.append(np.frombuffer(payload, "<u2", count, offset))
+            targets.append(np.frombuffer(payload, dtype, count, offset + 2 * count))
+            tiles.append(np.full(count, tile, np.uint16))
+            arrays.append(np.full(count, array, np.uint8))
+            offset += size
+        if offset != len(payload):
+            raise PayloadError(f"ProgramDevices: {len(payload) - offset} bytes after the last of {groups} groups")
+        join = lambda parts, kind: np.concatenate(parts).astype(kind) if parts else np.zeros(0, kind)  # noqa: E731
+        return cls(trials, tolerance, join(tiles, np.uint16), join(arrays, np.uint8), join(places, np.uint16),
+                   join(targets, dtype.newbyteorder("=")))
+
+
+_REPORT_HEAD = struct.Struct("<I")
+_DEVICE_REPORT = np.dtype([("reached_code", "<u2"), ("trials", "u1")])
+
+
+@dataclass(frozen=True, eq=False)
+class DevicesReport(Message):
+    """Per device of a ProgramDevices, in its order: the last verify read as a read code
+    (uS = code x INFO.read_lsb_us), the trials used, and whether it failed (a bit each)."""
+
+    TYPE = 0x8A
+    reached_codes: np.ndarray
+    trials: np.ndarray
+    failed: np.ndarray
+
+    def encode(self) -> bytes:
+        entries = np.zeros(len(self.reached_codes), dtype=_DEVICE_REPORT)
+        entries["reached_code"], entries["trials"] = self.reached_codes, self.trials
+        bits = np.packbits(np.asarray(self.failed, dtype=bool), bitorder="little")
+        return _REPORT_HEAD.pack(len(entries)) + entries.tobytes() + bits.tobytes()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "DevicesReport":
+        (count,) = _head(_REPORT_HEAD, payload, "DevicesReport")
+        size = _REPORT_HEAD.size + 3 * count + (count + 7) // 8
+        if len(payload) != size:
+            raise PayloadError(f"DevicesReport: {count} devices take {size} bytes, got {len(payload)}")
+        entries = np.frombuffer(payload, _DEVICE_REPORT, count, _REPORT_HEAD.size)
+        bits = np.frombuffer(payload, np.uint8, (count + 7) // 8, _REPORT_HEAD.size + 3 * count)
+        failed = np.unpackbits(bits, count=count, bitorder="little").astype(bool)
+        return cls(entries["reached_code"].astype(np.uint16), entries["trials"].astype(np.uint8), failed)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A convolution's geometry on the wire (SPEC.md §8.3): image layout, kernel, stride,
+    padding, dilation, each (height, width)."""
+
+    channel_order: int  # 0: each image C, H, W; 1: H, W, C
+    channels: int
+    height: int
+    width: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<BxHHH8B")
+
+    def encode(self) -> bytes:
+        return self.LAYOUT.pack(self.channel_order, self.channels, self.height, self.width,
+                                *self.kernel, *self.stride, *self.padding, *self.dilation)
+
+    @classmethod
+    def decode_from(cls, payload: bytes, offset: int) -> "Geometry":
+        if len(payload) - offset < cls.LAYOUT.size:
+            raise PayloadError("LayerForward: payload ends inside the convolution geometry")
+        order, channels, height, width, kh, kw, sh, sw, ph, pw, dh, dw = cls.LAYOUT.unpack_from(payload, offset)
+        return cls(order, channels, height, width, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+
+    @property
+    def image_size(self) -> int:
+        return self.channels * self.height * self.width
+
+
+_LAYER_HEAD = struct.Struct("<BBBBHHHBx")  # in_format, out_format, row_blocks, col_blocks, in, out, batch, convolution
+
+
+@dataclass(frozen=True, eq=False)
+class LayerForward(Message):
+    """Forward products of one layer cut over a grid of tiles, its row blocks' ADC codes summed
+    on the board: the host sends each sample once (or each image once, with ``geometry``: the
+    board cuts the patches) and gets one set of outputs per layer.
+
+    ``tiles`` (row_blocks x col_blocks, row-major): block (r, c) holds inputs r x rows.. and
+    outputs c x cols... ``codes`` (batch, width) int16: width is in_features, or the image's
+    C x H x W codes in the geometry's channel order.
+    """
+
+    TYPE = 0x0B
+    in_format: int
+    out_format: int
+    row_blocks: int
+    col_blocks: int
+    in_features: int
+    out_features: int
+    tiles: np.ndarray
+    geometry: Geometry | None
+    codes: np.ndarray
+
+    def encode(self) -> bytes:
+        codes = np.asarray(self.codes)
+        if codes.ndim != 2:
+            raise ProtocolError("LayerForward: codes must be a 2-D array (batch, width)")
+        width = self.geometry.image_size if self.geometry is not None else self.in_features
+        if codes.shape[1] != width:
+            raise ProtocolError(f"LayerForward: each sample must have {width} codes, got {codes.shape[1]}")
+        if len(self.tiles) != self.row_blocks * self.col_blocks:
+            raise ProtocolError(f"LayerForward: {self.row_blocks}x{self.col_blocks} blocks need as many tiles, got {len(self.tiles)}")
+        tiles = np.ascontiguousarray(self.tiles, dtype="<u2")
+        head = _LAYER_HEAD.pack(self.in_format, self.out_format, self.row_blocks, self.col_blocks, self.in_features,
+                                self.out_features, codes.shape[0], int(self.geometry is not None))
+        geometry = self.geometry.encode() if self.geometry is not None else b""
+        return head + tiles.tobytes() + geometry + encode_codes(codes, code_format(self.in_format, "LayerForward"))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "LayerForward":
+        in_format, out_format, row_blocks, col_blocks, inputs, outputs, batch, convolution = _head(
+            _LAYER_HEAD, payload, "LayerForward")
+        if convolution not in (0, 1):
+            raise PayloadError(f"LayerForward: convolution flag {convolution} is neither 0 nor 1")
+        offset = _LAYER_HEAD.size + 2 * row_blocks * col_blocks
+        if len(payload) < offset:
+            raise PayloadError(f"LayerForward: payload ends inside the list of {row_blocks * col_blocks} tiles")
+        tiles = np.frombuffer(payload, "<u2", row_blocks * col_blocks, _LAYER_HEAD.size).astype(np.uint16)
+        geometry = None
+        if convolution:
+            geometry = Geometry.decode_from(payload, offset)
+            offset += Geometry.LAYOUT.size
+        width = geometry.image_size if geometry is not None else inputs
+        flat, end = decode_codes(payload, offset, batch * width, code_format(in_format, "LayerForward"), "LayerForward")
+        if end != len(payload):
+            raise PayloadError(f"LayerForward: {len(payload) - end} bytes after {batch} samples of {width} codes")
+        return cls(in_format, out_format, row_blocks, col_blocks, inputs, outputs, tiles, geometry,
+                   flat.astype(np.int16).reshape(batch, width))
+
+
+_LAYER_REPLY_HEAD = struct.Struct("<BxHI")  # out_format, out_features, rows
+
+
+@dataclass(frozen=True, eq=False)
+class LayerProducts(Message):
+    """The summed ADC codes (rows, out_features) of a LayerForward: one row per sample, or per
+    patch (image after image, each row-major over the output positions)."""
+
+    TYPE = 0x8B
+    out_format: int
+    codes: np.ndarray
+
+    def encode(self) -> bytes:
+        codes = np.asarray(self.codes)
+        if codes.ndim != 2:
+            raise ProtocolError("LayerProducts: codes must be a 2-D array (rows, out_features)")
+        head = _LAYER_REPLY_HEAD.pack(self.out_format, codes.shape[1], codes.shape[0])
+        return head + encode_codes(codes, code_format(self.out_format, "LayerProducts"))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "LayerProducts":
+        out_format, outputs, rows = _head(_LAYER_REPLY_HEAD, payload, "LayerProducts")
+        flat, end = decode_codes(payload, _LAYER_REPLY_HEAD.size, rows * outputs,
+                                 code_format(out_format, "LayerProducts"), "LayerProducts")
+        if end != len(payload):
+            raise PayloadError(f"LayerProducts: {len(payload) - end} bytes after {rows} x {outputs} codes")
+        return cls(out_format, flat.astype(np.int16).reshape(rows, outputs))
 
 
 def is_request(type_code: int) -> bool:

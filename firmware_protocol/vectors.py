@@ -1,8 +1,9 @@
 """Golden test vectors: example messages, their fields as JSON and their exact wire frames.
 
-``python -m firmware_protocol.vectors`` rewrites vectors/v2.json from ``EXAMPLES``; the tests
-check the committed file both ways, and a C implementation can check itself against it.
-Arrays are written as {"dtype", "shape", "data"} with NaN as null.
+``python -m firmware_protocol.vectors`` rewrites vectors/v3.json from ``EXAMPLES``; the tests
+check the committed file both ways (and tests/test_spec_vectors.py with a decoder of its own),
+and a C implementation can check itself against it. Arrays are written as {"dtype", "shape",
+"data"} with NaN as null; a convolution's geometry as an object of its fields.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from firmware_protocol import messages as m
 from firmware_protocol.framing import VERSION, decode_frame, encode_frame
 
-PATH = Path(__file__).parent / "vectors" / "v2.json"
+PATH = Path(__file__).parent / "vectors" / f"v{VERSION}.json"
 
 
 def _examples() -> list[tuple[str, int, m.Message]]:
@@ -26,8 +27,8 @@ def _examples() -> list[tuple[str, int, m.Message]]:
     targets[0, 0], targets[2, 3] = 12.5, 30.0
     big_targets = np.linspace(7.6, 31.3, 16 * 16, dtype=np.float32).reshape(16, 16)
     return [
-        ("hello", 1, m.Hello(2)),
-        ("info", 2, m.Info(2, 0, 1, 0, 4, 64, 64, 8, 8, 16, 31, 100_000_000, 7.5, 31.25, 0.125, 0.25, 0.25,
+        ("hello", 1, m.Hello(3)),
+        ("info", 2, m.Info(3, 0, 3, 0, 4, 64, 64, 8, 8, 16, 31, 100_000_000, 7.5, 31.25, 0.125, 0.25, 0.25,
                              0.125, 1024, 1000, 0.75, 20)),
         ("forward", 3, m.Forward(0, False, np.array([[1, -2, 3], [127, -127, 0]], dtype=np.int8), 2)),
         ("forward_transpose_16bit", 4, m.Forward(2, True, np.array([[1000, -1000]], dtype=np.int16), 64)),
@@ -48,9 +49,29 @@ def _examples() -> list[tuple[str, int, m.Message]]:
         ("read_counters", 10, m.ReadCounters(2)),
         ("counters", 10, m.CountersReply(2, 72, 1, 0, 4096, 1024, 300, 2.66)),
         ("reset", 11, m.Reset(0)),
-        ("next", 12, m.Next()),
+        ("next", 12, m.Next(1)),
         ("ack", 12, m.Ack(0x06)),
         ("error", 13, m.Error(m.ErrorCode.OUT_OF_RANGE, 0x06, "target 80 uS outside [7.6, 31.3]")),
+        # Version 3 (SPEC.md §8).
+        ("program_devices_levels", 20, m.ProgramDevices(
+            0, 0.0, np.array([0, 0, 0, 3, 3], np.uint16), np.array([0, 0, 1, 0, 0], np.uint8),
+            np.array([3, 4095, 3, 64, 65], np.uint16), np.array([7, 15, 0, 12, 13], np.uint8))),
+        ("program_devices_microsiemens", 21, m.ProgramDevices(
+            12, 0.5, np.array([2, 2], np.uint16), np.array([1, 1], np.uint8), np.array([10, 20], np.uint16),
+            np.array([8.25, 30.0], np.float32))),
+        ("devices_report", 20, m.DevicesReport(
+            np.array([61, 244, 60, 123, 130], np.uint16), np.array([1, 3, 20, 2, 1], np.uint8),
+            np.array([False, False, True, False, False]))),
+        ("layer_forward", 22, m.LayerForward(
+            4, 3, 2, 1, 84, 10, np.array([2, 3], np.uint16), None,
+            np.concatenate([np.zeros((2, 40), np.int16), np.arange(-60, 28, 2, dtype=np.int16).reshape(1, 44)
+                            .repeat(2, 0)], axis=1))),
+        ("layer_forward_convolution", 23, m.LayerForward(
+            4, 3, 1, 1, 9, 2, np.array([0], np.uint16), m.Geometry(0, 1, 5, 5, (3, 3), (2, 2), (1, 1), (1, 1)),
+            np.array([[0, 0, 0, 0, 0, 0, 127, 127, 0, 0, 0, 64, -64, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5]], np.int16))),
+        ("layer_products", 22, m.LayerProducts(3, np.array([[1, -1, 127, -127, 128, -300, 0, 5, 6, 7]], np.int16))),
+        ("layer_products_fragmented", 23, m.LayerProducts(
+            1, (np.arange(3 * 4 * 2 * 100) % 255 - 127).astype(np.int16).reshape(1200, 2))),
     ]
 
 
@@ -61,7 +82,10 @@ def to_json(message: m.Message) -> dict:
     out = {}
     for f in fields(message):
         value = getattr(message, f.name)
-        if isinstance(value, np.ndarray):
+        if isinstance(value, m.Geometry):
+            out[f.name] = {g.name: list(v) if isinstance(v, tuple) else v for g, v in
+                           ((g, getattr(value, g.name)) for g in fields(value))}
+        elif isinstance(value, np.ndarray):
             data = [None if isinstance(v, float) and math.isnan(v) else v for v in value.ravel().tolist()]
             out[f.name] = {"dtype": value.dtype.name, "shape": list(value.shape), "data": data}
         else:
@@ -73,7 +97,9 @@ def from_json(type_code: int, values: dict) -> m.Message:
     cls = m.REGISTRY[type_code]
     kwargs = {}
     for name, value in values.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and "dtype" not in value:
+            kwargs[name] = m.Geometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+        elif isinstance(value, dict):
             data = [np.nan if v is None else v for v in value["data"]]
             kwargs[name] = np.array(data, dtype=value["dtype"]).reshape(value["shape"])
         else:

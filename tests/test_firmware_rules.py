@@ -30,7 +30,7 @@ from .conftest import make_config
 
 BOARD = make_config(soc=dict(tiles=4, rows=64, cols=64), seed=3)  # the geometry of the vectors' INFO
 E = m.ErrorCode
-VECTORS = Path(__file__).resolve().parent.parent / "firmware_protocol" / "vectors" / "v2.json"
+VECTORS = Path(__file__).resolve().parent.parent / "firmware_protocol" / "vectors" / f"v{VERSION}.json"
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def program_payload(targets, tolerance=0.0, trials=0, tile=0, array=0):
 def test_a_frame_of_another_version_gets_unsupported_version_in_its_own_version(firmware):
     answer = ask(firmware, m.Hello.TYPE, 40, bytes([1]), version=1)
     assert answer.version == 1 and refused(answer) == E.UNSUPPORTED_VERSION
-    assert "speaks protocol version 2" in m.Error.decode(answer.payload).text
+    assert f"speaks protocol version {VERSION}" in m.Error.decode(answer.payload).text
     # Nothing was kept: the same seq and type in this version is a new request and runs.
     info = ask(firmware, m.Hello.TYPE, 40, bytes([VERSION]))
     assert info.type == m.Info.TYPE and info.version == VERSION
@@ -138,7 +138,7 @@ def test_a_message_beyond_max_message_is_bad_length_at_the_fragment_that_passes_
 def test_next_between_request_fragments_drops_the_partial_request(firmware):
     payload = program_payload(np.full((64, 64), 20.0))
     assert ask(firmware, m.Program.TYPE, 1, payload[:MAX_PAYLOAD], FLAG_MORE).type == m.Ack.TYPE
-    assert refused(ask(firmware, m.Next.TYPE, 2)) == E.NO_PENDING_REPLY
+    assert refused(ask(firmware, m.Next.TYPE, 2, m.Next(1).encode())) == E.NO_PENDING_REPLY
     assert refused(ask(firmware, m.Program.TYPE, 3, payload[MAX_PAYLOAD : 2 * MAX_PAYLOAD])) == E.BAD_LENGTH
 
 
@@ -151,7 +151,7 @@ def _read_whole_tile(firmware, seq) -> Frame:
 def test_any_request_abandons_the_pending_pieces(firmware):
     _read_whole_tile(firmware, 1)
     assert ask(firmware, m.ReadCounters.TYPE, 2, b"\x00").type == m.CountersReply.TYPE
-    assert refused(ask(firmware, m.Next.TYPE, 3)) == E.NO_PENDING_REPLY
+    assert refused(ask(firmware, m.Next.TYPE, 3, m.Next(1).encode())) == E.NO_PENDING_REPLY
 
 
 def test_next_with_a_payload_is_bad_length_and_keeps_the_pending_pieces(firmware):
@@ -160,7 +160,7 @@ def test_next_with_a_payload_is_bad_length_and_keeps_the_pending_pieces(firmware
     pieces = [first.payload]
     seq = 3
     while True:
-        piece = ask(firmware, m.Next.TYPE, seq)
+        piece = ask(firmware, m.Next.TYPE, seq, m.Next(seq - 2).encode())
         assert piece.type == m.Map.TYPE
         pieces.append(piece.payload)
         seq += 1
@@ -248,7 +248,8 @@ def test_code_bytes_describes_the_codes_it_does_not_have_to_match_the_dac():
 
 REPLY = {m.Hello.TYPE: m.Info.TYPE, m.Forward.TYPE: m.Products.TYPE, m.ReadMap.TYPE: m.Map.TYPE,
          m.PulsesSparse.TYPE: m.PulsesApplied.TYPE, m.PulsesDense.TYPE: m.PulsesApplied.TYPE,
-         m.Program.TYPE: m.ProgramReport.TYPE, m.ReadCounters.TYPE: m.CountersReply.TYPE, m.Reset.TYPE: m.Ack.TYPE}
+         m.Program.TYPE: m.ProgramReport.TYPE, m.ReadCounters.TYPE: m.CountersReply.TYPE, m.Reset.TYPE: m.Ack.TYPE,
+         m.ProgramDevices.TYPE: m.DevicesReport.TYPE, m.LayerForward.TYPE: m.LayerProducts.TYPE}
 
 
 def test_every_request_vector_is_accepted_by_the_reference_board():
@@ -265,10 +266,11 @@ def test_every_request_vector_is_accepted_by_the_reference_board():
         assert last.type == REPLY[vector["type"]], (vector["name"], last.payload)
         if vector["type"] == m.Program.TYPE:  # the report has the request's shape (a top-left block)
             payload = last.payload
-            seq = last.seq
+            seq, piece = last.seq, 0
             while last.more:
-                seq += 1
-                last = decode_frame(firmware.receive(encode_frame(Frame(m.Next.TYPE, seq)))[0][1:-1])
+                seq, piece = seq + 1, piece + 1
+                ask_next = Frame(m.Next.TYPE, seq, m.Next(piece).encode())
+                last = decode_frame(firmware.receive(encode_frame(ask_next))[0][1:-1])
                 payload += last.payload
             report = m.ProgramReport.decode(payload)
             assert list(report.reached_us.shape) == vector["fields"]["targets"]["shape"]

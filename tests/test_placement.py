@@ -1,5 +1,7 @@
 """Placement of layers' blocks on tiles, packing small blocks on windows, host layers."""
 
+import json
+
 import pytest
 import torch
 
@@ -146,3 +148,22 @@ def test_training_steps_on_layers_packed_on_one_tile_keep_host_and_devices_in_st
     for layer in analog_layers(analog):
         on_devices = layer.mapping._from_tiles(g.unsqueeze(0)) * layer.mapping.scale
         assert torch.allclose(layer.weight, on_devices, atol=1e-5)
+
+
+@pytest.mark.slow  # about 40 s on two busy cores: programming the board over its link, and a plot
+def test_lenet_trains_on_one_reference_soc_over_its_link_with_the_rest_on_the_host(tmp_path, capsys):
+    from drivers.simulators.virtual_board import VirtualBoard
+
+    board = VirtualBoard(make_config())  # the reference SoC: 4 tiles of 64x64
+    url = board.open_tcp()
+    board.start()
+    try:
+        assert main(["train", "--board", url, "--host-layers", "auto", "--epochs", "1", "--train-limit", "16",
+                     "--test-limit", "10", "--batch-size", "16", "--no-progress", "--out", str(tmp_path)]) == 0
+    finally:
+        board.stop()
+    err = capsys.readouterr().err
+    assert "placement: 4 tiles of 64x64, packed; on the host: 7 (Linear 256x120)" in err
+    recorded = json.loads((tmp_path / "placement.json").read_text())
+    assert recorded["tiles"] == 4 and recorded["host_layers"] == ["7 (Linear 256x120)"]
+    assert recorded["tiles_unpacked"] == 10 and "11 (Linear 84x10)" in recorded["analog_layers"]

@@ -58,7 +58,24 @@ MESSAGES = st.one_of(
     st.builds(m.ReadCounters, u8),
     st.builds(m.CountersReply, u8, *[st.integers(0, 2**64 - 1)] * 6, st.floats(allow_nan=False)),
     st.builds(m.Reset, u8),
-    st.just(m.Next()),
+    st.builds(m.Next, st.integers(0, 2**32 - 1)),
+    st.integers(0, 12).flatmap(lambda n: st.builds(
+        m.ProgramDevices, u16, f32, arrays(np.uint16, (1, n), st.integers(0, 3)).map(np.ravel),
+        arrays(np.uint8, (1, n), st.integers(0, 1)).map(np.ravel), arrays(np.uint16, (1, n), u16).map(np.ravel),
+        st.one_of(arrays(np.uint8, (1, n), u8), arrays(np.uint16, (1, n), u16),
+                  arrays(np.float32, (1, n), f32)).map(np.ravel))),
+    st.integers(0, 20).flatmap(lambda n: st.builds(
+        m.DevicesReport, arrays(np.uint16, (1, n), u16).map(np.ravel), arrays(np.uint8, (1, n), u8).map(np.ravel),
+        arrays(bool, (1, n), st.booleans()).map(np.ravel))),
+    matrix(np.int16, int16s).flatmap(lambda codes: st.builds(
+        m.LayerForward, st.just(2), st.sampled_from([1, 2, 3]), st.just(1), st.just(2), st.just(codes.shape[1]), u16,
+        arrays(np.uint16, (1, 2), u16).map(np.ravel), st.none(), st.just(codes))),
+    st.tuples(st.integers(1, 4), st.integers(1, 3)).flatmap(lambda bw: st.builds(
+        m.LayerForward, st.sampled_from([1, 3, 4]), st.just(3), st.just(1), st.just(1), u16, u16,
+        arrays(np.uint16, (1, 1), u16).map(np.ravel),
+        st.builds(m.Geometry, st.integers(0, 1), st.just(1), st.just(3), st.just(bw[1]), *[st.tuples(u8, u8)] * 4),
+        arrays(np.int16, (bw[0], 3 * bw[1]), st.integers(-127, 127)))),
+    st.builds(m.LayerProducts, st.sampled_from([2, 3]), matrix(np.int16, int16s)),
     st.builds(m.Ack, u8),
     st.builds(m.Error, st.sampled_from(list(m.ErrorCode)).map(int), u8, st.text(max_size=40)),
 )

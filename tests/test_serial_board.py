@@ -169,10 +169,10 @@ def test_a_board_that_stops_answering_mid_transfer_is_named():
 
 
 def test_protocol_version_mismatch_is_refused_clearly():
-    board = VirtualBoard(SMALL, protocol_version=1)  # a board with the previous firmware
+    board = VirtualBoard(SMALL, protocol_version=2)  # a board with the previous firmware
     url = board.open_pty()
     board.start()
-    with pytest.raises(BoardError, match="speaks protocol version 1.*this host speaks protocol version 2"):
+    with pytest.raises(BoardError, match="speaks protocol version 2.*this host speaks protocol version 3"):
         open_board(url, QUICK)
     board.stop()
 
@@ -210,7 +210,7 @@ def test_firmware_answers_a_repeated_seq_without_running_again():
     fragment = Frame(m.Program.TYPE, 10, b"\x00" * 4, FLAG_MORE)
     ack = decode_frame(firmware.answer(fragment)[1:-1])
     assert ack.type == m.Ack.TYPE and firmware.answer(fragment) == firmware.answer(fragment)
-    nothing = decode_frame(firmware.answer(Frame(m.Next.TYPE, 11))[1:-1])
+    nothing = decode_frame(firmware.answer(Frame(m.Next.TYPE, 11, m.Next(1).encode()))[1:-1])
     assert m.decode_message(nothing.type, nothing.payload).code == m.ErrorCode.NO_PENDING_REPLY
 
 

@@ -228,6 +228,91 @@ V2 = {0x01: hello, 0x81: info, 0x02: forward, 0x82: products, 0x03: read_map, 0x
       0x80: ack, 0xFF: error}
 
 
+# ---- version 3 (§8), read from the spec's tables ------------------------------------------
+
+def codes_v3(fmt: int, count: int, p: bytes, at: int):
+    """§8.1: ``count`` codes in format ``fmt`` from ``p[at:]``, byte by byte."""
+    if fmt in (1, 2):
+        return _array("b" if fmt == 1 else "h", count, p, at)
+    assert fmt in (3, 4)
+    out = []
+    while len(out) < count:
+        byte = p[at]
+        if byte != 0x80:
+            out.append(byte - 256 if byte > 127 else byte)
+            at += 1
+        elif fmt == 3:
+            out.append(struct.unpack_from("<h", p, at + 1)[0])
+            at += 3
+        else:
+            assert 1 <= p[at + 1] <= count - len(out)
+            out += [0] * p[at + 1]
+            at += 2
+    return out, at
+
+
+def next_v3(p):
+    assert len(p) == 4
+    return {"piece": struct.unpack("<I", p)[0]}
+
+
+def program_devices(p):
+    max_trials, tolerance, target_format, reserved, groups = struct.unpack_from("<HfBBH", p)
+    assert reserved == 0
+    fmt = {1: "B", 2: "H", 3: "f"}[target_format]
+    at, devices = 10, []
+    for _ in range(groups):
+        tile, array, reserved, count = struct.unpack_from("<HBBH", p, at)
+        assert reserved == 0
+        places, at = _array("H", count, p, at + 6)
+        targets, at = _array(fmt, count, p, at)
+        devices += [(tile, array, place, target) for place, target in zip(places, targets)]
+    assert at == len(p)
+    return {"max_trials": max_trials, "tolerance_us": tolerance, "target_format": target_format,
+            "devices": devices}
+
+
+def devices_report(p):
+    (count,) = struct.unpack_from("<I", p)
+    assert len(p) == 4 + 3 * count + (count + 7) // 8
+    entries = [struct.unpack_from("<HB", p, 4 + 3 * i) for i in range(count)]
+    bits = p[4 + 3 * count:]
+    failed = [(bits[i // 8] >> (i % 8)) & 1 for i in range(count)]
+    return {"entries": [(code, trials, bit) for (code, trials), bit in zip(entries, failed)]}
+
+
+def layer_forward(p):
+    in_fmt, out_fmt, rows, cols, inputs, outputs, batch, conv, reserved = struct.unpack_from("<BBBBHHHBB", p)
+    assert conv in (0, 1) and reserved == 0
+    tiles, at = _array("H", rows * cols, p, 12)
+    out = {"in_format": in_fmt, "out_format": out_fmt, "row_blocks": rows, "col_blocks": cols,
+           "in_features": inputs, "out_features": outputs, "tiles": tiles, "geometry": None}
+    width = inputs
+    if conv:
+        order, reserved, channels, height, image_width = struct.unpack_from("<BBHHH", p, at)
+        assert reserved == 0
+        kh, kw, sh, sw, ph, pw, dh, dw = struct.unpack_from("<8B", p, at + 8)
+        out["geometry"] = {"channel_order": order, "channels": channels, "height": height, "width": image_width,
+                           "kernel": [kh, kw], "stride": [sh, sw], "padding": [ph, pw], "dilation": [dh, dw]}
+        width, at = channels * height * image_width, at + 16
+    codes, at = codes_v3(in_fmt, batch * width, p, at)
+    assert at == len(p)
+    out["codes"] = (codes, [batch, width])
+    return out
+
+
+def layer_products(p):
+    out_fmt, reserved, outputs, rows = struct.unpack_from("<BBHI", p)
+    assert reserved == 0
+    codes, at = codes_v3(out_fmt, rows * outputs, p, 8)
+    assert at == len(p)
+    return {"out_format": out_fmt, "codes": (codes, [rows, outputs])}
+
+
+V3 = {**V2, 0x09: next_v3, 0x0A: program_devices, 0x8A: devices_report, 0x0B: layer_forward,
+      0x8B: layer_products}
+
+
 # ---- the vectors' own conventions for fields (SPEC.md §6), mapped onto §4's -----------------
 
 def _vector_array(field):
@@ -250,8 +335,9 @@ def expected_from_vector(mtype: int, fields: dict) -> dict:
     """Rewrite a vector's ``fields`` into the decoded form above, per SPEC.md §6: arrays as
     (data, shape), a bool ``transpose`` for FORWARD/PRODUCTS flags, and parallel arrays for
     the records of PULSES_SPARSE and PROGRAM_REPORT."""
-    f = {key: _vector_array(value) if isinstance(value, dict) else value for key, value in fields.items()}
-    dtypes = {key: value["dtype"] for key, value in fields.items() if isinstance(value, dict)}
+    arrays = {key for key, value in fields.items() if isinstance(value, dict) and "data" in value}
+    f = {key: _vector_array(value) if key in arrays else value for key, value in fields.items()}
+    dtypes = {key: fields[key]["dtype"] for key in arrays}
     if mtype in (0x02, 0x82):
         f["flags"] = int(f.pop("transpose"))
         f["code_bytes"] = {"int8": 1, "int16": 2}[dtypes["codes"]]
@@ -271,6 +357,13 @@ def expected_from_vector(mtype: int, fields: dict) -> dict:
         f["entries"] = [(r, t, int(x)) for r, t, x in zip(reached, trials, failed)]
     elif mtype == 0x81:
         f.setdefault("reserved", 0)
+    elif mtype == 0x0A:  # parallel arrays per device; the target format from the targets' dtype
+        f["target_format"] = {"uint8": 1, "uint16": 2, "float32": 3}[dtypes["targets"]]
+        f["devices"] = list(zip(*(f.pop(key)[0] for key in ("tiles", "arrays", "places", "targets"))))
+    elif mtype == 0x8A:
+        f["entries"] = [(c, t, int(x)) for c, t, x in zip(*(f.pop(key)[0] for key in ("reached_codes", "trials", "failed")))]
+    elif mtype == 0x0B:
+        f["tiles"] = f["tiles"][0]
     return f
 
 
@@ -300,7 +393,7 @@ def _cases():
             yield pytest.param(doc["protocol_version"], vector, id=f"{path.stem}-{vector['name']}")
 
 
-DECODERS = {2: V2}
+DECODERS = {2: V2, 3: V3}
 
 
 @pytest.mark.parametrize("version,vector", list(_cases()))

@@ -30,8 +30,11 @@ class ADC:
         in place (products are large; no copy). The tile computes its products in LSBs, so
         conversion needs no division. ``code_value``, if given, is what one code stands for
         output by output (the LSB, or zero where a tile converts no output)."""
-        codes = analog_lsbs.round_().clamp_(-self.top_code, self.top_code)
-        return codes.mul_(self.lsb if code_value is None else code_value)
+        return self.codes_(analog_lsbs).mul_(self.lsb if code_value is None else code_value)
+
+    def codes_(self, analog_lsbs: torch.Tensor) -> torch.Tensor:
+        """The output codes of a signal given in LSBs, in place: rounded, saturating at full scale."""
+        return analog_lsbs.round_().clamp_(-self.top_code, self.top_code)
 
 
 def quantise_unsigned(values: torch.Tensor, bits: int, full_scale: float) -> torch.Tensor:

@@ -67,18 +67,27 @@ class ProductPlan:
         """Currents (tiles, batch, max(outputs)) for inputs ``x`` (tiles, batch, k); inputs
         known to lie in [-1, 1] (``normalised``) are not clamped."""
         codes = input_codes(x.to(self.tiles[0].device, torch.float32), self.input_bits, clamp=not normalised)
+        return self.adc.convert_lsbs_(self._analog_lsbs(codes, owned=True), self.code_value)
+
+    def output_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """The ADC's output codes (tiles, batch, max(outputs)) for input codes (tiles, batch, k),
+        whole numbers as float32; beyond a tile's outputs they are not defined."""
+        return self.adc.codes_(self._analog_lsbs(codes.to(self.tiles[0].device, torch.float32), owned=False))
+
+    def _analog_lsbs(self, codes: torch.Tensor, owned: bool) -> torch.Tensor:
+        """The products with their noise, in LSBs, before conversion; counts the products.
+        ``owned`` codes are used up (squared in place)."""
         lsbs = torch.bmm(codes, self._matrices_for(codes.shape[2]))
         if self.widest < self.columns:
             lsbs = lsbs[:, :, : self.widest]
         if self.read_variance or self.adc_variance:
             # (A sum of squares, not ``norm``: torch's norm is 20x slower on column-major inputs.)
-            variance = codes.square_().sum(2, keepdim=True).mul_(self.read_variance).add_(self.adc_variance)
+            variance = (codes.square_() if owned else codes.square()).sum(2, keepdim=True).mul_(self.read_variance).add_(self.adc_variance)
             lsbs = torch.addcmul(lsbs, variance.sqrt_(), self._noise(lsbs.shape[1]))
         else:
             lsbs = lsbs.contiguous()
-        currents = self.adc.convert_lsbs_(lsbs, self.code_value)
-        self._count(currents.shape[1])
-        return currents
+        self._count(lsbs.shape[1])
+        return lsbs
 
     def _matrices_for(self, driven: int) -> torch.Tensor:
         """The tiles' matrices cut to ``driven`` inputs and the product's columns (transposed

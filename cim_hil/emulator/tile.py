@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import numpy as np
 import torch
 
 from cim_hil.config import EmulatorConfig
@@ -15,7 +16,14 @@ from cim_hil.emulator.devices import DeviceArray, write_verify_trials
 from cim_hil.emulator.periphery import ADC, quantise_unsigned
 from cim_hil.emulator.products import ProductPlan
 from cim_hil.emulator.timing import TimingModel
+from cim_hil.layer_products import Convolution, LayerCut, block_inputs, products_of_blocks, sum_row_blocks, unroll
 from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
+
+def as_float32(value: float) -> float:
+    """``value`` as the nearest binary32: what a board reports of it (INFO's fields are f32), so
+    a host computes the same levels, scales and targets from this spec as from a board's."""
+    return float(np.float32(value))
+
 
 READ_FULL_SCALE_HEADROOM = 1.25  # conductance reads convert over [0, 1.25 * g_max] (ours)
 MAX_KEPT_PLANS = 32
@@ -43,10 +51,10 @@ class EmulatedTile(Tile):
             cols=cols,
             input_bits=per.input_bits,
             output_bits=per.output_bits,
-            g_min_us=dev.g_min_us,
-            g_max_us=dev.g_max_us,
+            g_min_us=as_float32(dev.g_min_us),
+            g_max_us=as_float32(dev.g_max_us),
             levels=dev.levels,
-            v_read=per.v_read,
+            v_read=as_float32(per.v_read),
             max_pulses_per_call=config.write_verify.max_pulses_per_call,
             capabilities=frozenset(capabilities),
         )
@@ -134,16 +142,36 @@ class EmulatedTile(Tile):
         """All tiles' products as one batched matrix product (see ``ProductPlan``). The plan
         for the same tiles, outputs and direction is kept on the first tile; a tile's
         configuration never changes, so neither does its verdict."""
+        plan = cls._plan(tiles, outputs, transpose)
+        if plan is None:
+            return super()._products_together(tiles, x, outputs, transpose)
+        return plan.run(x, normalised)
+
+    @staticmethod
+    def _plan(tiles: list[EmulatedTile], outputs: list[int], transpose: bool) -> ProductPlan | None:
+        """The kept plan of these tiles, outputs and direction; None when they are not one chip."""
         plans = tiles[0]._kept_plans
         key = (tuple(tiles), tuple(outputs), transpose)
         if key not in plans:
             if len(plans) >= MAX_KEPT_PLANS:  # a caller that varies its output counts keeps no more than this
                 plans.clear()
-            plans[key] = ProductPlan(tiles, key[1], transpose) if cls._one_chip(tiles) else None
-        plan = plans[key]
+            plans[key] = ProductPlan(tiles, key[1], transpose) if EmulatedTile._one_chip(tiles) else None
+        return plans[key]
+
+    @classmethod
+    def _layer_products(
+        cls, tiles: list[EmulatedTile], cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None
+    ) -> torch.Tensor:
+        """A layer's products as the chip computes them: the patches cut from the images (on
+        the board, by the same :func:`unroll` a host uses), every tile's ADC codes, the row
+        blocks' codes summed digitally, then one multiply by the LSB."""
+        spec = tiles[0].spec
+        plan = cls._plan(tiles, cut.outputs(spec.cols), False)
         if plan is None:
-            return super()._products_together(tiles, x, outputs, transpose)
-        return plan.run(x, normalised)
+            return products_of_blocks(tiles, cut, codes, convolution)
+        inputs = unroll(codes, convolution, by_column=cut.row_blocks == 1) if convolution is not None else codes
+        summed = sum_row_blocks(plan.output_codes(block_inputs(inputs, cut, spec.rows)), cut)
+        return summed.mul_(plan.adc.lsb)  # a view of codes made here: scaled in place
 
     # ---- conductances ---------------------------------------------------------------------
     def _read_array(self, array: DeviceArray, window: Window) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cim_hil.layer_products import Convolution, unroll
 from cim_hil.nn.config import MappingConfig
 from cim_hil.nn.mapping import Spot, TileMapping
 from cim_hil.tile import Tile
@@ -33,7 +34,7 @@ class _AnalogProduct(torch.autograd.Function):
                 mapping: TileMapping) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.mapping = mapping
-        return mapping.forward(x, bias=bias)
+        return mapping.forward(x, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -46,23 +47,31 @@ class _AnalogProduct(torch.autograd.Function):
 
 
 class _AnalogConvolution(torch.autograd.Function):
-    """A convolution's products on the tiles, one per patch of the image (im2col). Backward
-    works on the image (see ``AnalogConv2d._input_gradient``); the weight gradient is the
-    host's product of the output gradient with the patches."""
+    """A convolution's products on the tiles, one per patch of the image (im2col), the images
+    sent whole (see ``TileMapping.forward_images``). Backward works on the image (see
+    ``AnalogConv2d._input_gradient``); the weight gradient is the host's product of the output
+    gradient with the patches."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 layer: AnalogConv2d) -> torch.Tensor:
-        patches = layer._patch_matrix(x)
-        ctx.save_for_backward(x, weight, patches)
-        ctx.layer = layer
-        return layer.mapping.forward(patches, layer._patch_peaks(x), bias)
+        convolution = layer.geometry(x)
+        ctx.save_for_backward(x, weight)
+        ctx.layer, ctx.convolution = layer, convolution
+        return layer.mapping.forward_images(x, convolution, bias)
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor):
-        x, weight, patches = ctx.saved_tensors
-        grad_x = ctx.layer._input_gradient(x, weight, grad_rows) if ctx.needs_input_grad[0] else None
-        return grad_x, _split_inner_product(grad_rows.T, patches), _bias_gradient(ctx, grad_rows), None
+        x, weight = ctx.saved_tensors
+        layer = ctx.layer
+        grad_x = layer._input_gradient(x, weight, grad_rows) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            # Column by column where a patch fits one tile (LeNet's first layer: about 50 us
+            # against 320 us for rows); else rows, copied in runs of kw * C values.
+            patches = unroll(x.detach(), ctx.convolution, by_column=layer.mapping.row_blocks == 1)
+            grad_weight = _split_inner_product(grad_rows.T, patches)
+        return grad_x, grad_weight, _bias_gradient(ctx, grad_rows), None
 
 
 def _split_inner_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -146,55 +155,10 @@ class AnalogConv2d(AnalogLayer):
         kernel is shaped, (out_channels, C, kh, kw): a view, no copy."""
         return values.view(self.out_channels, *self.kernel_size, self.in_channels).permute(0, 3, 1, 2)
 
-    def _windows(self, x: torch.Tensor, dim: int, axis: int) -> torch.Tensor:
-        """Every kernel window along ``dim`` of a padded ``x`` as a new last dimension (a
-        strided view, no copy); ``axis`` 0 is the kernel's height, 1 its width."""
-        size, stride, dilation = self.kernel_size[axis], self.stride[axis], self.dilation[axis]
-        windows = x.unfold(dim, (size - 1) * dilation + 1, stride)
-        return windows[..., ::dilation] if dilation > 1 else windows
-
-    def _padded(self, x: torch.Tensor) -> torch.Tensor:
-        (ph, pw) = self.padding
-        return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-
-    @property
-    def _patches_by_column(self) -> bool:
-        """Whether the patch matrix is stored column by column: when a patch fits one tile."""
-        return self.mapping.row_blocks == 1
-
-    def _patch_peaks(self, x: torch.Tensor) -> torch.Tensor:
-        """The largest |input| of every patch, (N * out_h * out_w, 1), which scales that patch to
-        the DAC's range. A maximum separates over channels, rows and columns, so the image is
-        reduced one dimension at a time: it is kh * kw times smaller than the patch matrix (in
-        a training step this is as fast as reducing even LeNet's 25-wide patches)."""
-        peaks = self._padded(x.detach().abs().amax(1))  # (N, H, W)
-        peaks = self._windows(peaks, 1, 0).amax(-1)  # (N, out_h, W)
-        return self._windows(peaks, 2, 1).amax(-1).reshape(-1, 1)
-
-    def _patch_matrix(self, x: torch.Tensor) -> torch.Tensor:
-        """Every patch of ``x`` as a row, (N * out_h * out_w, kh * kw * C), copied from a
-        strided view of the image. Where the patch fits one tile (no blocks to cut and pad), it
-        is stored column by column: each column is then a shifted window of every image, runs of
-        out_w values (LeNet's first layer: about 50 us against 320 us for rows). Cut into
-        blocks, a column-major matrix would be copied again, so there rows are copied from a
-        channels-last image, runs of kw * C values (LeNet's second layer: about 60 us against
-        250 us for the channels-first order)."""
-        x = self._padded(x)
-        if self._patches_by_column:
-            windows = self._windows(self._windows(x, 2, 0), 3, 1)  # (N, C, out_h, out_w, kh, kw)
-            columns = windows.permute(4, 5, 1, 0, 2, 3)
-            return columns.reshape(columns.shape[:3].numel(), -1).T
-        image = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # (N, H, W, C)
-        windows = self._windows(self._windows(image, 1, 0), 2, 1)  # (N, out_h, out_w, C, kh, kw)
-        rows = windows.permute(0, 1, 2, 4, 5, 3)
-        return rows.reshape(rows.shape[:3].numel(), -1)
-
-    def _out_size(self, height: int, width: int) -> tuple[int, int]:
-        return tuple(  # type: ignore[return-value]
-            (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
-            for size, pad, dilation, kernel, stride in zip(
-                (height, width), self.padding, self.dilation, self.kernel_size, self.stride)
-        )
+    def geometry(self, x: torch.Tensor) -> Convolution:
+        """This convolution's geometry on images shaped like ``x`` (N, C, H, W)."""
+        return Convolution(self.in_channels, x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding,
+                           self.dilation)
 
     def _input_gradient(self, x: torch.Tensor, weight: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
         """The gradient of the image from the output gradient (one row per patch): transpose
@@ -207,7 +171,7 @@ class AnalogConv2d(AnalogLayer):
             columns = per_patch.permute(0, 4, 2, 3, 1).reshape(n, weight.shape[1], -1)  # fold's order: C, kh, kw
             return F.fold(columns, (height, width), self.kernel_size, dilation=self.dilation, padding=self.padding,
                           stride=self.stride)
-        grad_out = grad_rows.view(n, *self._out_size(height, width), self.out_channels).permute(0, 3, 1, 2)
+        grad_out = grad_rows.view(n, *self.geometry(x).out_size, self.out_channels).permute(0, 3, 1, 2)
         # Given the image itself (``conv2d_input`` takes only its shape), the gradient comes in
         # the image's memory format. An earlier analog convolution's output, pooled, is channels
         # last, and pooling's backward takes a channels-first gradient for it about 4x slower.
@@ -218,4 +182,4 @@ class AnalogConv2d(AnalogLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _AnalogConvolution.apply(x, self.weight, self.bias, self)  # (N * out_h * out_w, O)
-        return y.reshape(x.shape[0], *self._out_size(*x.shape[2:]), self.out_channels).permute(0, 3, 1, 2)
+        return y.reshape(x.shape[0], *self.geometry(x).out_size, self.out_channels).permute(0, 3, 1, 2)

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from cim_hil.codes import input_codes
 from cim_hil.errors import CapabilityError, ConfigError
+from cim_hil.layer_products import Convolution, LayerCut, layer_products, unroll
 from cim_hil.nn.config import MappingConfig
 from cim_hil.tile import Capability, Tile, averaged_read, products_together, program_devices, program_together, require_finite
 
@@ -82,6 +84,7 @@ class TileMapping:
         self.in_features, self.out_features = in_features, out_features
         self.row_blocks = math.ceil(in_features / spec.rows)
         self.col_blocks = math.ceil(out_features / spec.cols)
+        self.cut = LayerCut(in_features, out_features, self.row_blocks, self.col_blocks)
         self.spots = spots or [(index, 0, 0) for index in range(len(tiles))]
         assert len(self.spots) == self.row_blocks * self.col_blocks
         self.tiles, self.whole_tiles = tiles, whole_tiles
@@ -186,8 +189,7 @@ class TileMapping:
         return torch.stack([levels + self.ref_level, torch.full_like(levels, self.ref_level)])
 
     def _conductance(self, device_levels: torch.Tensor) -> torch.Tensor:
-        conductance = (device_levels * self.spacing).add_(self.spec.g_min_us)
-        return conductance.clamp_(self.spec.g_min_us, self.spec.g_max_us)  # float rounding at the top
+        return self.spec.level_conductance(device_levels)
 
     def _level_of(self, conductance: torch.Tensor) -> torch.Tensor:
         top = self.spec.levels - 1
@@ -231,11 +233,42 @@ class TileMapping:
         return (targets - reference) * self.scale
 
     # ---- products -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, peak: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x (N, in_features) -> x @ W.T + bias (N, out_features), the products run on the tiles.
-        ``peak`` (N, 1), the largest |x| of each sample, is computed here unless given; the
-        digital ``bias`` (out_features,) is added on the host in the same pass as the scaling."""
-        return self._products(x, False, peak, bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, in_features) -> x @ W.T + bias (N, out_features), the products run on the tiles
+        as one layer call (blocks packed into windows of shared tiles: one product per block);
+        the digital ``bias`` (out_features,) is added on the host in the same pass as the scaling."""
+        if self._windows is not None:
+            return self._products(x, False, None, bias)
+        codes, peak = self._input_codes(x.detach())
+        return self._scaled(layer_products(self._block_tiles, self.cut, codes), peak, bias).to(x.device, x.dtype)
+
+    def forward_images(self, x: torch.Tensor, convolution: Convolution, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A convolution of images x (N, C, H, W): (N * out_h * out_w, out_features), one row
+        per patch, image after image. Each image is scaled to the DAC's range as a whole and
+        sent as codes; the board (or, for a board that cannot, the host) cuts the patches."""
+        codes, peak = self._input_codes(x.detach())
+        peaks = peak.repeat_interleave(convolution.out_size[0] * convolution.out_size[1], 0)
+        if self._windows is not None:  # blocks packed into windows: the patches are cut here, one product per block
+            return self._products(unroll(x.detach(), convolution, self.row_blocks == 1), False, peaks, bias)
+        currents = layer_products(self._block_tiles, self.cut, codes, convolution)
+        return self._scaled(currents, peaks, bias).to(x.device, x.dtype)
+
+    def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample of ``x`` scaled to the DAC's full range, as the host driver of the chip
+        does, as codes; and each sample's peak (N, 1), which scales its outputs back."""
+        peak = x.abs().reshape(len(x), -1).amax(dim=1, keepdim=True).clamp_min(1e-12)
+        # A NaN or infinity anywhere in a sample shows in its peak (amax propagates NaN).
+        require_finite(peak, "the layer's inputs contain")
+        scale = peak.view(-1, *([1] * (x.ndim - 1)))
+        return input_codes(x.cpu() / scale.cpu(), self.spec.input_bits, clamp=False), peak
+
+    def _scaled(self, currents: torch.Tensor, peak: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Output currents (uA) back in weight units, times each row's input peak, plus bias."""
+        back = self.scale / self.spec.v_read  # uA per unit of normalised input -> weight units
+        peak = peak.to(currents.device)
+        if bias is None:
+            return currents * (peak * back)
+        return torch.addcmul(bias.to(currents.device), currents, peak, value=back)
 
     def backward(self, d: torch.Tensor) -> torch.Tensor:
         """d (N, out_features) -> d @ W (N, in_features) with transpose products on the tiles."""

@@ -20,18 +20,22 @@ from cim_hil.nn.mapping import LevelWrite
 # What programming one part returned: the weight change each weight took, whether it was
 # programmed, and how to make the host's copies follow once every part has been programmed.
 Outcome = tuple[torch.Tensor, torch.Tensor, Callable[[], None]]
+Agree = Callable[[torch.Tensor], torch.Tensor]
 
 
 class StepProgrammer:
     """Programs signed steps of the granularity into the weights of ``layers``.
 
     ``layers`` holds them in the order of the flat index (layers that share one write-verify
-    call next to each other); ``granularity`` the step (epsilon) of every weight.
+    call next to each other); ``granularity`` the step (epsilon) of every weight. ``agree``, if
+    given, turns the changes (levels, or pulses) the devices took into the ones to record: what
+    data-parallel replicas, each programming its own devices, all record.
     """
 
-    def __init__(self, layers: list[AnalogLayer]) -> None:
+    def __init__(self, layers: list[AnalogLayer], agree: Agree | None = None) -> None:
         self.parts: list[_LevelPart | _PulsePart] = [
-            _LevelPart(group) if group[0].levels is not None else _PulsePart(group[0]) for group in _parts(layers)
+            _LevelPart(group, agree) if group[0].levels is not None else _PulsePart(group[0], agree)
+            for group in _parts(layers)
         ]
         self.layers = [layer for part in self.parts for layer in part.layers]
         self.granularity = torch.cat([torch.full((layer.weight.numel(),), layer.granularity) for layer in self.layers])
@@ -64,8 +68,8 @@ class _LevelPart:
     tensor (``layer.levels = ...``), they are joined again on the next step.
     """
 
-    def __init__(self, layers: list[AnalogLayer]) -> None:
-        self.layers = layers
+    def __init__(self, layers: list[AnalogLayer], agree: Agree | None = None) -> None:
+        self.layers, self.agree = layers, agree
         self.mapping = mapping = layers[0].mapping
         # Each tile once, though packed layers share tiles: one array must not be written twice in one call.
         self.tiles = list({id(tile): tile for layer in layers for tile in layer.mapping.tiles}.values())
@@ -95,6 +99,8 @@ class _LevelPart:
         before = self.levels.index_select(0, weights)
         after = steps.mul(mapping.config.granularity_levels).add_(before).clamp_(mapping.low, mapping.high)
         reached = LevelWrite(mapping, self.tiles, self.places.index_select(0, weights), after, before).run()
+        if self.agree is not None:
+            reached = self.agree(reached - before).add_(before)
         level_weight = self.level_weight.index_select(0, weights)
         applied = (reached - before) * level_weight
         return applied, after != before, lambda: self._commit(weights, reached, reached * level_weight)
@@ -108,14 +114,16 @@ class _LevelPart:
 class _PulsePart:
     """One open-loop layer: signed pulse counts, applied as the tiles report."""
 
-    def __init__(self, layer: AnalogLayer) -> None:
-        self.layers = [layer]
+    def __init__(self, layer: AnalogLayer, agree: Agree | None = None) -> None:
+        self.layers, self.agree = [layer], agree
         self.size = layer.weight.numel()
 
     def program(self, weights: torch.Tensor, steps: torch.Tensor) -> Outcome:
         layer = self.layers[0]
         counts = torch.zeros(self.size, dtype=torch.int64).index_put_((weights,), steps)
         pulses = layer.mapping.program_pulses(counts.view_as(layer.weight)).reshape(-1)[weights]
+        if self.agree is not None:
+            pulses = self.agree(pulses)
         applied = pulses * layer.granularity
         return applied, pulses != 0, lambda: layer.weight.view(-1).index_add_(0, weights, applied)
 

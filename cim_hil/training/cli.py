@@ -22,6 +22,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="pack small blocks side by side on tiles (default: only when needed to fit the board)")
     train.add_argument("--host-layers", help="comma-separated layers to keep on the host (see cim-hil plan), or "
                        "'auto': the largest until the rest fits the board")
+    train.add_argument("--nproc", type=int, help="data-parallel: spawn N ranks, each on its own board (torch.distributed)")
+    train.add_argument("--rank-boards", nargs="+", metavar="URL", help="data-parallel: one board URL per rank")
+    train.add_argument("--distributed-timeout", type=float, metavar="S",
+                       help="data-parallel: seconds a rank waits for the others before it stops (default 60)")
     train.add_argument("--config", help="TOML/JSON file with TrainConfig fields (flags override it)")
     train.add_argument("--data-dir", help="directory with the MNIST IDX files (default: offline data)")
     train.add_argument("--download", action="store_true", help="download the IDX files into --data-dir")
@@ -33,11 +37,31 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(run=run_train)
 
 
+def _train_data_parallel(args: argparse.Namespace, config, data, progress: bool) -> None:
+    """``--nproc N`` spawns N ranks here; under torchrun this process is one of them."""
+    import torch.distributed as dist
+
+    from cim_hil.training.distributed import join_group, run_rank, spawn_ranks, under_torchrun
+
+    if under_torchrun():
+        world = join_group(0, 0, None, config.distributed_timeout_s)
+        try:
+            summary = run_rank(world, config, data, args.out, progress, args.resume, args.epochs)
+        finally:
+            dist.destroy_process_group()
+        if world.rank != 0:
+            return
+    else:
+        summary = spawn_ranks(config, data, args.out, args.nproc, progress, args.resume, args.epochs)
+    print(json.dumps(summary, indent=2))
+
+
 def run_train(args: argparse.Namespace) -> None:
     """Train LeNet-5 on MNIST (mixed precision on the emulator by default); resume with --resume."""
     from cim_hil.config import load_config, validate
-    from cim_hil.training import TrainConfig, Trainer
     from cim_hil.errors import ConfigError
+    from cim_hil.training import TrainConfig, Trainer
+    from cim_hil.training.distributed import under_torchrun
     from cim_hil.training.mnist import load_mnist
     from cim_hil.training.rundir import RunDirectory
 
@@ -53,6 +77,8 @@ def run_train(args: argparse.Namespace) -> None:
         "train_limit": args.train_limit,
         "test_limit": args.test_limit,
         "pack": args.pack,
+        "rank_boards": args.rank_boards,
+        "distributed_timeout_s": args.distributed_timeout,
         "host_layers": None if args.host_layers is None else (
             "auto" if args.host_layers == "auto" else [name for name in args.host_layers.split(",") if name]),
     }
@@ -63,15 +89,19 @@ def run_train(args: argparse.Namespace) -> None:
             raise ConfigError("--resume continues the run in --out and --overwrite starts a new one: give one of them")
         state = Trainer.read_checkpoint(args.out)
         _refuse_conflicts(state["config"], {**base, **given}, args.out)
-        data = load_mnist(args.data_dir, download_missing=args.download, seed=state["config"]["seed"])
-        print(f"data: {data.source}", file=sys.stderr)
-        trainer = Trainer.resume(args.out, data, progress, state)
+        config = validate(TrainConfig, state["config"])
+    else:
+        state, config = None, validate(TrainConfig, {**base, **given})
+        RunDirectory(args.out).claim(args.overwrite)  # before the data is read or a board opened
+    data = load_mnist(args.data_dir, download_missing=args.download, seed=config.seed)
+    print(f"data: {data.source}", file=sys.stderr)
+    if args.nproc is not None or under_torchrun():
+        _train_data_parallel(args, config, data, progress)
+        return
+    if state is not None:
+        trainer = Trainer.resume(args.out, data, progress, state=state)
         print(f"resuming {args.out} after epoch {trainer.epoch}", file=sys.stderr)
     else:
-        config = validate(TrainConfig, {**base, **given})
-        RunDirectory(args.out).claim(args.overwrite)  # before the data is read or a board opened
-        data = load_mnist(args.data_dir, download_missing=args.download, seed=config.seed)
-        print(f"data: {data.source}", file=sys.stderr)
         trainer = Trainer(config, data, args.out, progress, overwrite=args.overwrite)
     if trainer.placement is not None:
         print(f"placement: {trainer.placement.summary()} (in {args.out}/placement.json)", file=sys.stderr)
@@ -82,7 +112,8 @@ def run_train(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
-RESUMABLE = {"epochs"}  # a resumed run may be given more epochs; everything else is the run's own
+# A resumed run may be given more epochs or more patience; everything else is the run's own.
+RESUMABLE = {"epochs", "distributed_timeout_s"}
 
 
 def _refuse_conflicts(saved: dict, asked: dict, out: str) -> None:

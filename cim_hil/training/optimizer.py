@@ -41,7 +41,10 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         momentum: float = 0.0,
+        agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        """``agree``: data-parallel replicas pass what their devices took through it and record
+        what it returns, the same on every replica (``ProcessGroupWorld.agree``)."""
         if rule not in ("sgd", "adam"):
             raise ValueError(f"rule must be 'sgd' or 'adam', got {rule!r}")
         if not lr > 0:
@@ -49,6 +52,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         defaults = dict(lr=lr, rule=rule, betas=betas, eps=eps, momentum=momentum)
         super().__init__(model.parameters(), defaults)
         self._layers = {id(layer.weight): layer for layer in analog_layers(model)}
+        self._agree = agree
         self._programmers: dict[tuple[int, ...], StepProgrammer] = {}  # by the layers a step updates
         self._flat: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # see _flat_state
         self.steps = 0
@@ -134,7 +138,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         devices were programmed."""
         key = tuple(index for index in self._layers if index in analog)  # in the model's order
         if key not in self._programmers:
-            self._programmers[key] = StepProgrammer([self._layers[index] for index in key])
+            self._programmers[key] = StepProgrammer([self._layers[index] for index in key], self._agree)
         programmer = self._programmers[key]
         params = [layer.weight for layer in programmer.layers]
         chi_state, chi_views = self._flat_state(("chi",), params, "chi", torch.float32)

@@ -1,10 +1,11 @@
 """Train LeNet-5 on MNIST, on analog tiles with the mixed-precision updater or in float.
 
 A run directory (:mod:`cim_hil.training.rundir`) holds ``checkpoint.pt``, committed durably
-after every epoch, and ``metrics.jsonl`` (one line per epoch) and ``curves.png`` derived from
-it, so a pulled cable, a killed process or a full disk loses at most the epoch in progress.
-``Trainer.resume`` continues a run bit for bit: its configuration, model, chi and optimizer
-state, emulated device state and every random stream are in the checkpoint.
+after every epoch, and ``metrics.jsonl`` (one line per epoch), ``curves.png`` and
+``placement.json`` derived from it, so a pulled cable, a killed process or a full disk loses at
+most the epoch in progress. ``Trainer.resume`` continues a run bit for bit: its configuration,
+model, chi and optimizer state, emulated device state and every random stream are in the
+checkpoint. Only the writing rank touches the directory.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cim_hil.nn import MappingConfig, analog_layers, convert_to_analog
 from cim_hil.nn.placement import Placement, plan_for_board, plan_placement
 from cim_hil.training.lenet import lenet5
 from cim_hil.training.mnist import MNIST
+from cim_hil.training.distributed import World
 from cim_hil.training.optimizer import MixedPrecisionOptimizer
 from cim_hil.training.plots import plot_training_curves
 from cim_hil.training.rundir import CHECKPOINT, CURVES, PLACEMENT, RunDirectory
@@ -54,6 +56,13 @@ class TrainConfig(_Strict):
         [], description="layers kept digital on the host (module names, as `cim-hil plan` prints them); 'auto': the "
         "largest until the rest fits the board's tiles, packed"
     )
+    rank_boards: list[str] = Field(
+        [], description="data-parallel: one board URL per rank; default: `board` with {rank} filled in, and for "
+        "the emulator the seed plus the rank (another chip)"
+    )
+    distributed_timeout_s: float = Field(
+        60.0, gt=0.0, description="data-parallel: how long a rank waits for the others before it stops"
+    )
     mapping: MappingConfig = Field(
         MappingConfig(differential=True),
         description="differential by default: each weight on a device and its reference device, 31 levels instead "
@@ -80,16 +89,21 @@ def open_board_for(model: torch.nn.Module, url: str, pack: bool | None = None,
 
 class Trainer:
     """``Trainer(config, data, out)`` starts a run in ``out`` (empty, or ``overwrite=True``);
-    ``Trainer.resume(out, data)`` continues one."""
+    ``Trainer.resume(out, data)`` continues one. ``world``: this process's place among
+    data-parallel ranks (``cim_hil.training.distributed``); alone by default, where every
+    collective is the identity."""
 
     def __init__(self, config: TrainConfig, data: MNIST, out_dir: str | Path, progress: bool = True,
-                 overwrite: bool = False) -> None:
-        RunDirectory(out_dir).claim(overwrite)  # before any board is opened or programmed
-        self._build(config, data, out_dir, progress)
+                 world: World | None = None, overwrite: bool = False) -> None:
+        if (world or World()).writer:
+            RunDirectory(out_dir).claim(overwrite)  # before any board is opened or programmed
+        self._build(config, data, out_dir, progress, world)
 
-    def _build(self, config: TrainConfig, data: MNIST, out_dir: str | Path, progress: bool) -> None:
+    def _build(self, config: TrainConfig, data: MNIST, out_dir: str | Path, progress: bool,
+               world: World | None) -> None:
         self.run_dir = RunDirectory(out_dir)
         self.config = config
+        self.world = world or World()
         self.data = MNIST(data.train.head(config.train_limit), data.test.head(config.test_limit), data.source)
         self.out_dir = Path(out_dir)
         self.progress = progress
@@ -103,14 +117,16 @@ class Trainer:
             optimizer_type = torch.optim.Adam if config.rule == "adam" else torch.optim.SGD
             self.optimizer = optimizer_type(model.parameters(), lr=config.lr)
         else:
-            self.board = open_board_for(model, config.board, config.pack, config.host_layers)
+            self.board = open_board_for(model, self.world.board_url(config), config.pack, config.host_layers)
             try:
                 self.placement = plan_for_board(model, self.board, config.pack, config.host_layers)
                 self.model = convert_to_analog(model, self.board, config.mapping, self.placement)
             except BaseException:
                 self.board.close()
                 raise
-            self.optimizer = MixedPrecisionOptimizer(self.model, lr=config.lr, rule=config.rule)
+            self.optimizer = MixedPrecisionOptimizer(self.model, lr=config.lr, rule=config.rule, agree=self.world.agree)
+        # Every rank starts from rank 0's host copies (its devices were programmed to the same targets).
+        self.world.broadcast_(list(self.model.state_dict().values()))
         self.epoch = 0
         self.history: list[dict] = []
 
@@ -132,12 +148,12 @@ class Trainer:
 
     def _train_epoch(self) -> dict:
         train, size = self.data.train, self.config.batch_size
-        order = torch.randperm(len(train), generator=self.shuffle)
+        order = self.world.shard(torch.randperm(len(train), generator=self.shuffle))  # every rank draws the same
         self.model.train()
         before = self.board.counters if self.board else None
         programmed, loss_sum, correct = 0, 0.0, 0
         start = time.perf_counter()
-        batches = range(0, len(train), size)
+        batches = range(0, len(order), size)
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", disable=not self.progress, leave=False)
         for step, first in enumerate(bar, 1):
             chosen = order[first : first + size]
@@ -152,25 +168,33 @@ class Trainer:
             if not math.isfinite(loss.item()):
                 self._check_diverged(step, loss.item())
             loss.backward()
+            self.world.average_gradients(list(self.model.parameters()))
             self.optimizer.step()
             loss_sum += loss.item() * len(chosen)
             correct += int((logits.argmax(1) == labels).sum())
             if isinstance(self.optimizer, MixedPrecisionOptimizer):
                 programmed += self.optimizer.last_step["devices_programmed"]
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        seconds = time.perf_counter() - start
+        seen, loss_sum, correct = self.world.total([len(order), loss_sum, correct])  # over every rank's shard
         row = {
             "epoch": self.epoch + 1,
-            "train_loss": loss_sum / len(train),
-            "train_acc": correct / len(train),
-            "train_seconds": time.perf_counter() - start,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "train_seconds": seconds,
         }
+        if self.world.size > 1:
+            row.update(ranks=self.world.size, train_samples=int(seen))
         if self.board is not None:
             spent = self.board.counters
+            # Summed over the ranks' boards (devices programmed: every rank programs the same weights).
+            pulses, chip_seconds, energy_nj = self.world.total(
+                [spent.pulses - before.pulses, spent.seconds - before.seconds, spent.energy_nj - before.energy_nj])
             row.update(
                 devices_programmed=programmed,
-                pulses=spent.pulses - before.pulses,
-                chip_seconds=spent.seconds - before.seconds,
-                chip_energy_uj=(spent.energy_nj - before.energy_nj) / 1000,
+                pulses=int(pulses),
+                chip_seconds=chip_seconds,
+                chip_energy_uj=energy_nj / 1000,
                 **self.optimizer.write_statistics(),
             )
         return row
@@ -191,10 +215,13 @@ class Trainer:
     def evaluate(self) -> dict:
         self.model.eval()
         test = self.data.test
+        mine = torch.arange(len(test))[self.world.rank :: self.world.size]  # each rank tests its share on its chip
         correct = 0
-        for first in range(0, len(test), EVAL_BATCH):
-            logits = self.model(test.images[first : first + EVAL_BATCH])
-            correct += int((logits.argmax(1) == test.labels[first : first + EVAL_BATCH]).sum())
+        for first in range(0, len(mine), EVAL_BATCH):
+            chosen = mine[first : first + EVAL_BATCH]
+            logits = self.model(test.images[chosen])
+            correct += int((logits.argmax(1) == test.labels[chosen]).sum())
+        (correct,) = self.world.total([correct])
         return {"test_acc": correct / len(test)}
 
     def _title(self) -> str:
@@ -202,7 +229,11 @@ class Trainer:
         return f"LeNet-5 / MNIST, {kind}"
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes it (every rank takes part: each rank's emulated board state goes in)."""
+        boards = self.world.gather(self.board.state_dict() if self.board else None)
+        if not self.world.writer:
+            return None
         state = {
             "format": CHECKPOINT_FORMAT,
             "config": self.config.model_dump(),
@@ -210,7 +241,8 @@ class Trainer:
             "history": self.history,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "board": self.board.state_dict() if self.board else None,
+            "board": boards[0],
+            "rank_boards": boards,
             "shuffle": self.shuffle.get_state(),
             "torch_rng": torch.get_rng_state(),
             "data_source": self.data.source,
@@ -218,6 +250,8 @@ class Trainer:
         return self.run_dir.commit(state, self.epoch)
 
     def _write_derived(self) -> None:
+        if not self.world.writer:
+            return
         if self.placement is not None:
             (self.out_dir / PLACEMENT).write_text(json.dumps(self.placement.as_dict(), indent=2))
         self.run_dir.write_metrics(self.history)
@@ -233,21 +267,29 @@ class Trainer:
         return state
 
     @classmethod
-    def resume(cls, out_dir: str | Path, data: MNIST, progress: bool = True, state: dict | None = None) -> "Trainer":
+    def resume(cls, out_dir: str | Path, data: MNIST, progress: bool = True, world: World | None = None,
+               state: dict | None = None) -> "Trainer":
         """Continue the run in ``out_dir`` with the configuration its checkpoint holds."""
         state = state if state is not None else cls.read_checkpoint(out_dir)
+        path = Path(out_dir) / CHECKPOINT
         if state.get("data_source", data.source) != data.source:
             raise ConfigError(f"the run in {out_dir} trained on {state['data_source']}, not on {data.source}; "
                               "give it the same --data-dir")
+        world = world or World()
+        boards = state.get("rank_boards", [state["board"]])
+        if len(boards) != world.size:
+            raise CimHilError(f"checkpoint {path} was written by {len(boards)} rank(s); resume it with as many, "
+                              f"not {world.size}")
         trainer = cls.__new__(cls)  # the directory is this run's already: no claim
-        trainer._build(validate(TrainConfig, state["config"]), data, out_dir, progress)
+        trainer._build(validate(TrainConfig, state["config"]), data, out_dir, progress, world)
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         if trainer.board is not None:
-            if state["board"] is None:  # real hardware: its devices may have moved, write them again
+            board = boards[world.rank]
+            if board is None:  # real hardware: its devices may have moved, write them again
                 for layer in analog_layers(trainer.model):
                     layer.rewrite_devices()
-            trainer.board.load_state_dict(state["board"])
+            trainer.board.load_state_dict(board)
         trainer.shuffle.set_state(state["shuffle"])
         torch.set_rng_state(state["torch_rng"])
         trainer.epoch, trainer.history = state["epoch"], state["history"]

@@ -20,12 +20,15 @@ from cim_hil.board import Board
 from cim_hil.codes import top_code
 from cim_hil.emulator.tile import EmulatedTile
 from cim_hil.errors import CapabilityError, ConfigError, ShapeError, UnsafeValueError
-from cim_hil.tile import Capability, Counters
+from cim_hil.layer_products import Convolution, LayerCut, layer_products
+from cim_hil.tile import Capability, Counters, program_devices
+from firmware_protocol.codes import CodeFormat
 from firmware_protocol import messages as m
 from firmware_protocol.errors import ProtocolError, UnknownMessageError
 from firmware_protocol.framing import FLAG_MORE, MAX_PAYLOAD, VERSION, Frame, FrameDecoder, encode_frame
 
-FIRMWARE_VERSION = (0, 2, 0)
+FIRMWARE_VERSION = (0, 3, 0)
+MAX_REPORTED_TRIALS = 255  # DEVICES_REPORT carries trials in a u8 (SPEC.md §8.2)
 WIDEST_CODE_BITS = 16  # the protocol carries codes in at most 16 bits (SPEC.md §4.2-4.3)
 _CAPABILITY_BITS = {Capability(c.name): int(c) for c in m.Capabilities}
 
@@ -55,7 +58,7 @@ class BoardFirmware:
         self._decoder = FrameDecoder(speaks=None)  # a foreign version is answered, not dropped
         self._reassembler = m.Reassembler()
         self._last: tuple[int, int, bytes] | None = None  # (seq, type, encoded answer) kept for repeats
-        self._pending: list[bytes] = []
+        self._pieces: list[bytes] = []  # every piece of the last reply that took more than one frame
         self._pending_type = 0
 
     @staticmethod
@@ -110,13 +113,10 @@ class BoardFirmware:
     def _handle(self, frame: Frame) -> Frame:
         if frame.type == m.Next.TYPE:
             self._reassembler.reset()  # a request's fragments end at any other frame (SPEC.md §2)
-            if frame.payload or frame.more:
-                return self._error_frame(frame, m.ErrorCode.BAD_LENGTH, "NEXT is one empty frame without MORE")
-            if not self._pending:
-                return self._error_frame(frame, m.ErrorCode.NO_PENDING_REPLY, "no reply is pending")
-            piece = self._pending.pop(0)
-            return Frame(self._pending_type, frame.seq, piece, FLAG_MORE if self._pending else 0)
-        self._pending = []  # any other frame abandons a half-fetched reply
+            if frame.more:
+                return self._error_frame(frame, m.ErrorCode.BAD_LENGTH, "NEXT is one frame without MORE")
+            return self._next_piece(frame)
+        self._pieces = []  # any other frame abandons a half-fetched reply
         if not m.is_request(frame.type):
             self._reassembler.reset()
             return self._error_frame(frame, m.ErrorCode.UNKNOWN_MESSAGE, f"type {frame.type:#04x} is not a request")
@@ -136,8 +136,20 @@ class BoardFirmware:
             return self._error_frame(frame, refusal.code, str(refusal))
         payload = reply.encode()
         pieces = [payload[i : i + MAX_PAYLOAD] for i in range(0, len(payload), MAX_PAYLOAD)] or [b""]
-        self._pending, self._pending_type = pieces[1:], reply.TYPE
-        return Frame(reply.TYPE, frame.seq, pieces[0], FLAG_MORE if self._pending else 0)
+        self._pieces, self._pending_type = pieces if len(pieces) > 1 else [], reply.TYPE
+        return Frame(reply.TYPE, frame.seq, pieces[0], FLAG_MORE if len(pieces) > 1 else 0)
+
+    def _next_piece(self, frame: Frame) -> Frame:
+        """Piece n of the pending reply, as often as it is asked for: nothing runs again."""
+        try:
+            piece = m.Next.decode(frame.payload).piece
+        except ProtocolError as error:
+            return self._error_frame(frame, m.ErrorCode.BAD_LENGTH, str(error))
+        if not 1 <= piece < len(self._pieces):
+            pending = f"pieces 1..{len(self._pieces) - 1} are pending" if self._pieces else "no reply is pending"
+            return self._error_frame(frame, m.ErrorCode.NO_PENDING_REPLY, f"no piece {piece}: {pending}")
+        more = FLAG_MORE if piece < len(self._pieces) - 1 else 0
+        return Frame(self._pending_type, frame.seq, self._pieces[piece], more)
 
     @staticmethod
     def _error_frame(frame: Frame, code: m.ErrorCode, text: str) -> Frame:
@@ -277,6 +289,57 @@ class BoardFirmware:
             request.tile, request.array, result.reached_us.cpu()[:rows, :cols].numpy().astype(np.float32),
             result.trials.cpu()[:rows, :cols].numpy().astype(np.uint16), result.failed.cpu()[:rows, :cols].numpy(),
         )
+
+    def _on_programdevices(self, request: m.ProgramDevices) -> m.DevicesReport:
+        tiles = list(self.board)
+        spec = tiles[0].spec
+        for tile in np.unique(request.tiles).tolist():
+            self._tile(tile)
+        if request.arrays.size and int(request.arrays.max()) > 1:
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, "an array is neither 0 (weights) nor 1 (references)")
+        per_tile = spec.rows * spec.cols
+        if request.places.size and int(request.places.max()) >= per_tile:
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"a place is beyond the {spec.rows}x{spec.cols} tile")
+        trials = request.max_trials or tiles[0].default_max_trials
+        if trials > MAX_REPORTED_TRIALS:
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"max_trials {trials} does not fit the report's u8 trials")
+        if request.targets.dtype.kind == "f":
+            targets = torch.from_numpy(request.targets.astype(np.float32))
+        else:
+            if request.targets.size and int(request.targets.max()) >= spec.levels:
+                raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"a target level is beyond the board's {spec.levels} levels")
+            targets = spec.level_conductance(torch.from_numpy(request.targets.astype(np.int64)))
+        devices = torch.from_numpy(request.tiles.astype(np.int64) * per_tile + request.places.astype(np.int64))
+        reference = torch.from_numpy(request.arrays.astype(bool))
+        result = program_devices(tiles, devices, targets, reference, request.tolerance_us or None, trials)
+        codes = torch.round(result.reached_us.cpu() / tiles[0].read_lsb_us).numpy().astype(np.uint16)
+        return m.DevicesReport(codes, result.trials.cpu().numpy().astype(np.uint8), result.failed.cpu().numpy())
+
+    def _on_layerforward(self, request: m.LayerForward) -> m.LayerProducts:
+        tiles = [self._tile(index) for index in request.tiles.tolist()]
+        spec = tiles[0].spec
+        try:
+            out_form = CodeFormat(request.out_format)
+        except ValueError:
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"output format {request.out_format} is not a code format") from None
+        widest = request.row_blocks * top_code(spec.output_bits)  # the largest |sum| of the row blocks' codes
+        if out_form == CodeFormat.I8_ZERO_RUNS or widest > {CodeFormat.I8: 127}.get(out_form, 32767):
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"sums of {request.row_blocks} row blocks of {spec.output_bits}-bit "
+                          f"codes do not fit output format {out_form.name}")
+        cut = LayerCut(request.in_features, request.out_features, request.row_blocks, request.col_blocks)
+        codes, convolution = torch.from_numpy(request.codes.astype(np.float32)), None
+        if request.geometry is not None:
+            g = request.geometry
+            if g.channel_order not in (0, 1):
+                raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"channel order {g.channel_order} is neither 0 (C,H,W) nor 1 (H,W,C)")
+            convolution = Convolution(g.channels, g.height, g.width, g.kernel, g.stride, g.padding, g.dilation)
+            if g.channel_order == 0:
+                codes = codes.view(len(codes), g.channels, g.height, g.width)
+            else:
+                codes = codes.view(len(codes), g.height, g.width, g.channels).permute(0, 3, 1, 2)
+        currents = layer_products(tiles, cut, codes, convolution)
+        outputs = torch.round(currents.cpu() / tiles[0].forward_adc.lsb)
+        return m.LayerProducts(request.out_format, outputs.numpy().astype(np.int16))
 
     def _on_readcounters(self, request: m.ReadCounters) -> m.CountersReply:
         c = self._tile(request.tile).counters

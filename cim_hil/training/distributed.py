@@ -1,0 +1,271 @@
+"""Data-parallel training on torch.distributed: one process per board, gradients all-reduced.
+
+Every rank drives its own board (another emulated chip, with its own seed, or its own serial
+board) and trains on its shard of each epoch's shuffled digits. Gradients are averaged with one
+all-reduce per step, so every rank's optimizer computes the same update; what the devices took
+is agreed on too (``agree``), so chi, the rule's state and the host's weights stay the same on
+every rank while each programs its own devices. Rank 0 writes the metrics and the checkpoint
+(every rank's emulated device state in it).
+
+Backends: gloo on CPU, NCCL when CUDA is there. ``cim-hil train --nproc N`` spawns the ranks
+around a rendezvous store the parent holds, so the store outlives any rank; under ``torchrun``
+each process joins through the environment. A rank whose board fails writes what failed into
+the store and leaves; the others' next collective fails when its connections close (or, if it
+hangs instead, after ``distributed_timeout_s``), and each raises a ``BoardError`` naming that
+rank's board. No rank waits longer than the timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import torch
+import torch.distributed as dist
+
+from cim_hil.errors import BoardError, CimHilError, ConfigError
+
+FAILURE_KEY = "cim-hil/failure"
+REPORT_WAIT_S = 5.0  # how long a rank waits for a failed peer's report once the peer is gone
+
+
+class World:
+    """One process alone: every collective is the identity. The trainer runs through this
+    interface, so a single process and rank 0 of many take the same code path."""
+
+    rank, size = 0, 1
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run directory."""
+        return self.rank == 0
+
+    def board_url(self, config: Any) -> str:
+        return config.board
+
+    def shard(self, order: torch.Tensor) -> torch.Tensor:
+        return order
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """Nothing to average alone."""
+
+    def total(self, values: list[float]) -> list[float]:
+        return values
+
+    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
+        """Nothing to copy alone."""
+
+    def gather(self, value: Any) -> list[Any]:
+        return [value]
+
+    agree = None  # the optimizer records what this process's devices took
+
+
+class ProcessGroupWorld(World):
+    """This process as rank ``rank`` of ``size`` in the default process group."""
+
+    def __init__(self, rank: int, size: int, device: torch.device) -> None:
+        self.rank, self.size, self.device = rank, size, device
+        self.url = "?"
+
+    def board_url(self, config: Any) -> str:
+        """Rank r's board: ``rank_boards[r]``, else ``board`` with ``{rank}`` filled in; an
+        emulator gets seed + r, another chip."""
+        if config.rank_boards:
+            if len(config.rank_boards) != self.size:
+                raise ConfigError(f"rank_boards names {len(config.rank_boards)} boards for {self.size} ranks")
+            url = config.rank_boards[self.rank]
+        else:
+            url = config.board.replace("{rank}", str(self.rank))
+        if url.startswith("emulator:"):
+            url = _emulator_seeded(url, self.rank)
+        self.url = url
+        return url
+
+    def shard(self, order: torch.Tensor) -> torch.Tensor:
+        """Every size-th sample from this rank's position, cut so every rank takes as many steps."""
+        share = len(order) // self.size
+        return order[self.rank :: self.size][:share]
+
+    def _reduce(self, flat: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        moved = flat.to(self.device)
+        dist.all_reduce(moved, op=op)
+        return moved.to(flat.device)
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """One all-reduce of every gradient end to end, divided by the ranks."""
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = self._reduce(torch.cat([g.reshape(-1) for g in grads])).div_(self.size)
+        for grad, piece in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(piece.view_as(grad))
+
+    def total(self, values: list[float]) -> list[float]:
+        return self._reduce(torch.tensor(values, dtype=torch.float64)).tolist()
+
+    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values into every rank's ``tensors``, in place."""
+        for tensor in tensors:
+            moved = tensor.to(self.device)
+            dist.broadcast(moved, 0)
+            tensor.copy_(moved)
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (any picklable object) on rank 0; None elsewhere."""
+        gathered = [None] * self.size if self.rank == 0 else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
+    def agree(self, change: torch.Tensor) -> torch.Tensor:
+        """The change every rank's devices took: the smallest where all moved the same way,
+        else none; what a rank's device took beyond it stays in chi, and write-verify to the
+        absolute level brings that device back in line on its next write."""
+        both = self._reduce(torch.stack([change, -change]).to(torch.int64), op=dist.ReduceOp.MIN)
+        least_up, least_down = both[0], -both[1]
+        agreed = torch.where(least_up > 0, least_up, torch.where(least_down < 0, least_down, 0))
+        return agreed.to(change.dtype)
+
+    # ---- failures -----------------------------------------------------------------------
+    def report_failure(self, error: BaseException) -> None:
+        """Tell the other ranks what failed here, before this rank leaves."""
+        report = {"rank": self.rank, "board": self.url, "error": str(error)}
+        try:
+            dist.distributed_c10d._get_default_store().set(FAILURE_KEY, json.dumps(report))
+        except Exception:  # the store may be gone as well; the others then report a lost rank
+            pass
+
+    def failure_elsewhere(self, error: BaseException, timeout_s: float) -> BoardError:
+        """What to raise when a collective failed because another rank left or hung."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.wait([FAILURE_KEY], timedelta(seconds=REPORT_WAIT_S))
+            report = json.loads(store.get(FAILURE_KEY))
+        except Exception:
+            return BoardError(f"rank {self.rank} (board {self.url}) stopped: another rank left or did not answer "
+                              f"within {timeout_s:g} s without saying why ({str(error).splitlines()[0]})")
+        return BoardError(f"rank {self.rank} (board {self.url}) stopped because rank {report['rank']}'s board "
+                          f"{report['board']} failed: {report['error']}")
+
+
+def _emulator_seeded(url: str, rank: int) -> str:
+    """``url`` with its seed (0 if none) plus ``rank``."""
+    head, _, query = url.partition("?")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    try:
+        options["seed"] = str(int(options.get("seed", 0)) + rank)
+    except ValueError:
+        raise ConfigError(f"emulator URL {url!r}: seed must be an integer") from None
+    return f"{head}?{urlencode(options)}"
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def join_group(rank: int, size: int, store: dist.Store | None, timeout_s: float) -> ProcessGroupWorld:
+    """Join the default process group (from ``store``, or torchrun's environment when None)."""
+    name = backend()
+    device = torch.device("cpu")
+    if name == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    timeout = timedelta(seconds=timeout_s)
+    if store is None:
+        dist.init_process_group(name, timeout=timeout)
+        rank, size = dist.get_rank(), dist.get_world_size()
+    else:
+        dist.init_process_group(name, store=store, rank=rank, world_size=size, timeout=timeout)
+    return ProcessGroupWorld(rank, size, device)
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def run_rank(world: ProcessGroupWorld, config: Any, data: Any, out_dir: str | Path, progress: bool,
+             resume: bool, epochs: int | None = None) -> dict:
+    """Train as one rank; a failure here is reported to the others, one elsewhere is named."""
+    from cim_hil.training.trainer import Trainer
+
+    try:
+        if resume:
+            trainer = Trainer.resume(out_dir, data, progress and world.rank == 0, world)
+        else:
+            trainer = Trainer(config, data, out_dir, progress and world.rank == 0, world)
+        history = trainer.fit(epochs)
+        summary = {"out": str(out_dir), "epochs": trainer.epoch, "ranks": world.size, **(history[-1] if history else {})}
+        if trainer.board is not None:
+            summary["board"] = trainer.board.info()
+        return summary
+    except CimHilError as error:
+        world.report_failure(error)
+        raise
+    except RuntimeError as error:  # a collective failed: a peer left or hung
+        raise world.failure_elsewhere(error, config.distributed_timeout_s) from None
+
+
+def _spawned(rank: int, size: int, port: int, config: Any, data: Any, out_dir: str, progress: bool, resume: bool,
+             epochs: int | None, answers: multiprocessing.Queue) -> None:
+    """One spawned rank: joins through the parent's store, answers (rank, summary or error)."""
+    try:
+        store = dist.TCPStore("127.0.0.1", port, size + 1, is_master=False,
+                              timeout=timedelta(seconds=config.distributed_timeout_s))
+        world = join_group(rank, size, dist.PrefixStore("group", store), config.distributed_timeout_s)
+        answers.put((rank, "done", run_rank(world, config, data, out_dir, progress, resume, epochs)))
+    except CimHilError as error:
+        answers.put((rank, "error", str(error)))
+    except BaseException as error:  # anything else is a bug: its traceback, not a hang
+        answers.put((rank, "crash", "".join(traceback.format_exception(error))))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_ranks(config: Any, data: Any, out_dir: str | Path, nproc: int, progress: bool = True,
+                resume: bool = False, epochs: int | None = None) -> dict:
+    """Run ``nproc`` ranks as child processes around a store this process holds; returns rank
+    0's summary, or raises one ``BoardError`` with every rank's error, a line each."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    timeout = timedelta(seconds=config.distributed_timeout_s)
+    # Children do not inherit the process group; the store lives here so it outlives any rank.
+    store = dist.TCPStore("127.0.0.1", 0, nproc + 1, is_master=True, timeout=timeout, wait_for_workers=False)
+    context = multiprocessing.get_context("spawn")
+    answers = context.Queue()
+    ranks = [context.Process(target=_spawned, args=(rank, nproc, store.port, config, data, str(out_dir), progress,
+                                                    resume, epochs, answers), daemon=True) for rank in range(nproc)]
+    for process in ranks:
+        process.start()
+    results: dict[int, tuple[str, Any]] = {}
+    while len(results) < nproc:
+        try:
+            rank, kind, value = answers.get(timeout=0.5)
+            results[rank] = (kind, value)
+            continue
+        except queue.Empty:
+            pass
+        if all(process.exitcode is not None for process in ranks):  # all gone: what they said is queued by now
+            while not answers.empty():
+                rank, kind, value = answers.get()
+                results[rank] = (kind, value)
+            for rank, process in enumerate(ranks):
+                results.setdefault(rank, ("error", f"ended (exit code {process.exitcode}) without a report"))
+    for process in ranks:
+        process.join(REPORT_WAIT_S)
+        if process.is_alive():  # answered but stuck on its way out
+            process.kill()
+    crashes = [value for kind, value in results.values() if kind == "crash"]
+    if crashes:
+        print(crashes[0], file=sys.stderr)
+    failed = {rank: value for rank, (kind, value) in sorted(results.items()) if kind != "done"}
+    if failed:
+        raise BoardError("; ".join(f"rank {rank}: {text.splitlines()[-1] if text else text}"
+                                   for rank, text in failed.items()))
+    return results[0][1]

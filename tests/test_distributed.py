@@ -1,0 +1,116 @@
+"""Data-parallel training on torch.distributed (gloo), with real processes and real boards."""
+
+import multiprocessing
+import re
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from cim_hil.training import TrainConfig, Trainer
+from cim_hil.training.distributed import join_group
+from cim_hil.training.mnist import load_mnist
+
+
+def _host_state(trainer) -> torch.Tensor:
+    """Everything the ranks must agree on, end to end: weights, biases, levels, chi, writes, Adam's moments."""
+    parts = [tensor.detach().double().flatten() for tensor in trainer.model.state_dict().values()]
+    for state in trainer.optimizer.state.values():
+        parts += [state[name].double().flatten() for name in ("chi", "writes", "exp_avg", "exp_avg_sq") if name in state]
+    return torch.cat(parts)
+
+
+def _rank(rank, port, config, data, out, answers):
+    store = dist.TCPStore("127.0.0.1", port, 3, is_master=False, timeout=timedelta(seconds=60))
+    world = join_group(rank, 2, store, 60.0)
+    try:
+        trainer = Trainer(config, data, out, progress=False, world=world)
+        step, checks = trainer.optimizer.step, []
+
+        def step_and_compare():
+            step()
+            mine = _host_state(trainer)
+            both = [torch.empty_like(mine) for _ in range(2)]
+            dist.all_gather(both, mine)
+            checks.append((bool(torch.equal(both[0], both[1])), trainer.optimizer.last_step["devices_programmed"]))
+
+        trainer.optimizer.step = step_and_compare
+        history = trainer.fit(1)
+        g = trainer.board[0].read_conductances()  # plain numbers through the queue: a tensor would outlive its process
+        answers.put((rank, checks, history, trainer.board.info()["seed"], g.flatten().tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_on_two_chips_keep_the_same_host_weights_and_chi_after_every_step(tmp_path):
+    config = TrainConfig(epochs=1, batch_size=16, train_limit=96, test_limit=50, lr=0.05, host_layers=["7"], pack=True)
+    data = load_mnist(None)
+    store = dist.TCPStore("127.0.0.1", 0, 3, is_master=True, timeout=timedelta(seconds=60), wait_for_workers=False)
+    context = multiprocessing.get_context("spawn")
+    answers = context.Queue()
+    ranks = [context.Process(target=_rank, args=(rank, store.port, config, data, str(tmp_path), answers))
+             for rank in range(2)]
+    for process in ranks:
+        process.start()
+    results = dict((answer[0], answer[1:]) for answer in (answers.get(timeout=300) for _ in ranks))
+    for process in ranks:
+        process.join(30)
+        assert process.exitcode == 0
+    (checks0, history0, seed0, g0), (checks1, history1, seed1, g1) = results[0], results[1]
+    assert len(checks0) == len(checks1) == 3  # 96 digits, 48 per rank, 16 a step
+    assert all(same for same, _ in checks0 + checks1)
+    assert sum(programmed for _, programmed in checks0) > 0  # the devices were programmed, not merely skipped
+    assert (seed0, seed1) == (0, 1) and g0 != g1  # two different chips
+    assert [{k: v for k, v in row.items() if k != "train_seconds"} for row in history0] == [
+        {k: v for k, v in row.items() if k != "train_seconds"} for row in history1]  # totals over both ranks
+    assert history0[0]["ranks"] == 2 and history0[0]["train_samples"] == 96
+    assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def _serve(tiles=4):
+    """A virtual board in a process of its own, on a loopback TCP port: (process, URL)."""
+    process = subprocess.Popen([sys.executable, "-m", "cim_hil.cli", "board", "serve", "--tcp", "0", "--tiles", str(tiles)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    url = re.search(r"socket://127\.0\.0\.1:\d+", line)
+    assert url, line + process.stderr.read()
+    return process, url.group(0)
+
+
+@pytest.mark.slow  # about 90 s on two busy cores, most of it programming two boards over their links
+def test_two_ranks_stop_with_an_error_naming_the_board_that_was_killed(tmp_path):
+    (board0, url0), (board1, url1) = _serve(), _serve()
+    timeout_s = 20
+    train = subprocess.Popen(
+        [sys.executable, "-m", "cim_hil.cli", "train", "--nproc", "2", "--rank-boards", url0, url1, "--host-layers",
+         "auto", "--epochs", "2", "--train-limit", "2000", "--test-limit", "50", "--no-progress",
+         "--distributed-timeout", str(timeout_s), "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "placement.json").exists():  # written once every rank has converted the model
+            assert train.poll() is None, train.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1.0)  # into the first steps
+        board1.kill()
+        killed = time.monotonic()
+        _, stderr = train.communicate(timeout=timeout_s + 30)
+        stopped_s = time.monotonic() - killed
+    finally:
+        for process in (train, board0, board1):
+            process.kill()
+            process.wait()
+    assert train.returncode == 2
+    lines = [line for line in stderr.splitlines() if line.startswith("cim-hil: error:")]
+    assert len(lines) == 1, stderr
+    rank0, rank1 = lines[0].split("; rank 1: ")
+    assert "rank 0: " in rank0 and f"because rank 1's board {url1} failed" in rank0
+    assert url1.removeprefix("socket://") in rank1 and "resume with --resume" in rank1
+    assert stopped_s < timeout_s, f"stopped {stopped_s:.1f} s after the board was killed"
+    assert "Traceback" not in stderr
