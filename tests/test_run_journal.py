@@ -109,7 +109,9 @@ def test_a_full_disk_leaves_no_metrics_ahead_of_the_checkpoint_and_no_part_file(
     assert process.returncode == 2, err
     assert err.splitlines()[-1].startswith("cim-hil: error: cannot write the checkpoint of epoch 1 to ")
     assert "no epoch is saved yet" in err and "Traceback" not in err
-    assert sorted(p.name for p in out.iterdir()) == []  # no metrics line without its checkpoint, no .part
+    assert sorted(p.name for p in out.iterdir()) == ["placement.json"]  # no metrics without a checkpoint, no .part
+    again = _train(out, "--epochs", "1")  # nothing was committed: a new run may take the directory
+    assert again.wait(timeout=600) == 0, again.stderr.read()
 
 
 def _main(capsys, out: Path, *extra: str) -> tuple[int, str]:

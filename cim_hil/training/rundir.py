@@ -2,10 +2,12 @@
 
 An epoch counts once its checkpoint is durable: written to ``checkpoint.part``, fsynced, renamed
 over ``checkpoint.pt`` and the directory fsynced, so a kill, a Ctrl-C, a power cut or a full
-disk leaves the old checkpoint or the new one, whole. ``metrics.jsonl``, ``curves.png`` (and ``placement.json``) are
+disk leaves the old checkpoint or the new one, whole. ``metrics.jsonl`` and ``curves.png`` are
 derived from the history the checkpoint holds and rewritten (atomically) after each commit and on
-resume, so they never run ahead of it or repeat an epoch. A new run claims the directory first:
-it must be empty (stale ``.part`` files aside) unless the caller asks to overwrite, and it must be
+resume, so they never run ahead of it or repeat an epoch; ``placement.json`` is derived from the
+configuration. A new run claims the directory first:
+it must hold no committed run (stale ``.part`` files, and derived files without a checkpoint,
+are leftovers of a run that committed nothing) unless the caller asks to overwrite, and it must be
 writable, before any board is opened. In a distributed run only the writing rank calls this.
 """
 
@@ -25,6 +27,7 @@ METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 PLACEMENT = "placement.json"
 PARTIAL = ".part"
+DERIVED = (METRICS, CURVES, PLACEMENT)
 
 
 class RunDirectory:
@@ -40,13 +43,16 @@ class RunDirectory:
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"run directory {self.path} is a file, not a directory")
         self._drop_partials()
+        if self.path.is_dir() and not self.checkpoint.exists():
+            for name in DERIVED:  # derived from a run that never committed an epoch: nothing to keep
+                (self.path / name).unlink(missing_ok=True)
         if self.path.is_dir() and (held := sorted(p.name for p in self.path.iterdir())):
             if not overwrite:
                 raise ConfigError(
                     f"run directory {self.path} is not empty (it holds {', '.join(held[:4])}"
                     f"{', ...' if len(held) > 4 else ''}); continue it with --resume, or start over with --overwrite"
                 )
-            for name in (CHECKPOINT, METRICS, CURVES, PLACEMENT):
+            for name in (CHECKPOINT, *DERIVED):
                 (self.path / name).unlink(missing_ok=True)
         try:
             self.path.mkdir(parents=True, exist_ok=True)

@@ -133,6 +133,8 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, epochs: int | None = None) -> list[dict]:
         """Train up to ``epochs`` (default: the config's) epochs in total, resuming where left."""
+        if self.placement is not None and self.world.writer:  # known before any epoch, and shown to users
+            (self.out_dir / PLACEMENT).write_text(json.dumps(self.placement.as_dict(), indent=2))
         for _ in range(self.epoch, epochs or self.config.epochs):
             try:
                 row = self._train_epoch()
@@ -252,8 +254,6 @@ class Trainer:
     def _write_derived(self) -> None:
         if not self.world.writer:
             return
-        if self.placement is not None:
-            (self.out_dir / PLACEMENT).write_text(json.dumps(self.placement.as_dict(), indent=2))
         self.run_dir.write_metrics(self.history)
         plot_training_curves(self.history, self.out_dir / CURVES, self._title())
 
