@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -92,7 +93,8 @@ def run_train(args: argparse.Namespace) -> None:
         config = validate(TrainConfig, state["config"])
     else:
         state, config = None, validate(TrainConfig, {**base, **given})
-        RunDirectory(args.out).claim(args.overwrite)  # before the data is read or a board opened
+        if not under_torchrun() or os.environ.get("RANK", "0") == "0":  # the writing rank claims the directory
+            RunDirectory(args.out).claim(args.overwrite)  # before the data is read or a board opened
     data = load_mnist(args.data_dir, download_missing=args.download, seed=config.seed)
     print(f"data: {data.source}", file=sys.stderr)
     if args.nproc is not None or under_torchrun():
