@@ -16,12 +16,12 @@ from pydantic import Field
 from tqdm import tqdm
 
 from calibration.results import CalibrationResult, ResultMetadata
-from cim_hil.config import DeviceConfig, EmulatorConfig, _Strict, validate
+from cim_hil.config import DeviceConfig, EmulatorConfig, Strict, validate
 from cim_hil.errors import UnsafeValueError
 from cim_hil.tile import Capability, Tile, averaged_read
 
 
-class CharacterisationConfig(_Strict):
+class CharacterisationConfig(Strict):
     pulses: int = Field(40, ge=2, description="N: N up pulses, then N down pulses, a read after each")
     reads: int = Field(2, ge=1, description="reads averaged per point")
     reset_pulses: int = Field(120, ge=0, description="down pulses first, to start near G_min")

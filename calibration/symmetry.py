@@ -32,12 +32,12 @@ from pydantic import Field
 from tqdm import tqdm
 
 from calibration.results import CalibrationResult, ResultMetadata
-from cim_hil.config import _Strict
+from cim_hil.config import Strict
 from cim_hil.errors import UnsafeValueError
 from cim_hil.tile import Capability, Tile, averaged_read
 
 
-class SymmetrySearchConfig(_Strict):
+class SymmetrySearchConfig(Strict):
     pairs_per_block: int = Field(10, ge=1, description="up/down pulse pairs between reads")
     reads_per_estimate: int = Field(4, ge=1, description="reads averaged per block estimate")
     max_pairs: int = Field(2000, ge=1, description="pulse budget, in pairs per device")

@@ -17,11 +17,31 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cim_hil.errors import ConfigError
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """The base of every cim-hil model: unknown fields are errors, values never change after
+    validation (a typo in a config file is reported, not ignored)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DeviceConfig(_Strict):
+class ConductanceRange(Strict):
+    """A model with a conductance range [g_min_us, g_max_us] that must not be empty; each
+    subclass gives the fields its own defaults and bounds."""
+
+    g_min_us: float
+    g_max_us: float
+
+    @model_validator(mode="after")
+    def _range_not_empty(self) -> "ConductanceRange":
+        if self.g_max_us <= self.g_min_us:
+            raise ValueError(
+                f"empty conductance range: g_max_us ({self.g_max_us}) must exceed "
+                f"g_min_us ({self.g_min_us})"
+            )
+        return self
+
+
+class DeviceConfig(ConductanceRange):
     """One memristor population: conductance range, soft-bounds pulse response, noise.
 
     Noise figures are in units of the spacing between adjacent programmable levels
@@ -46,15 +66,6 @@ class DeviceConfig(_Strict):
     )
     stuck_fraction: float = Field(0.0, ge=0.0, le=1.0, description="fraction of stuck devices")
 
-    @model_validator(mode="after")
-    def _range_not_empty(self) -> "DeviceConfig":
-        if self.g_max_us <= self.g_min_us:
-            raise ValueError(
-                f"empty conductance range: g_max_us ({self.g_max_us}) must exceed "
-                f"g_min_us ({self.g_min_us})"
-            )
-        return self
-
     @property
     def range_us(self) -> float:
         return self.g_max_us - self.g_min_us
@@ -64,7 +75,7 @@ class DeviceConfig(_Strict):
         return self.range_us / (self.levels - 1)
 
 
-class PeripheryConfig(_Strict):
+class PeripheryConfig(Strict):
     """DACs, ADCs and what the array periphery can do."""
 
     input_bits: int = Field(8, ge=2, le=24, description="DAC bits, sign included")
@@ -87,7 +98,7 @@ class PeripheryConfig(_Strict):
     reference_devices: bool = Field(True, description="each device has a reference device")
 
 
-class TimingConfig(_Strict):
+class TimingConfig(Strict):
     """The timing and energy model; every figure is one row of the README's timing table."""
 
     clock_hz: float = Field(100e6, gt=0.0)
@@ -99,7 +110,7 @@ class TimingConfig(_Strict):
     energy_per_pulse_nj: float = Field(0.01, ge=0.0, description="one programming pulse (ours)")
 
 
-class WriteVerifyConfig(_Strict):
+class WriteVerifyConfig(Strict):
     """Defaults for program-with-verify."""
 
     tolerance_levels: float = Field(0.5, gt=0.0, description="accepted |read - target|, levels")
@@ -109,15 +120,19 @@ class WriteVerifyConfig(_Strict):
     )
 
 
-class SoCConfig(_Strict):
+class SoCConfig(Strict):
     """Geometry: how many tiles and how large."""
 
     tiles: int = Field(4, ge=1, le=4096)
     rows: int = Field(64, ge=1, le=8192)
     cols: int = Field(64, ge=1, le=8192)
+    first_tile: int = Field(
+        0, ge=0, description="this emulator's tiles are tiles first_tile.. of a larger chip of the same seed (each "
+        "tile's devices and noise come from its index's stream): emulated tiles beside a board in a composite board"
+    )
 
 
-class EmulatorConfig(_Strict):
+class EmulatorConfig(Strict):
     """Everything the cycle-accurate emulator needs; the default is the reference SoC."""
 
     soc: SoCConfig = SoCConfig()
@@ -137,7 +152,7 @@ class EmulatorConfig(_Strict):
         return self
 
 
-class LinkConfig(_Strict):
+class LinkConfig(Strict):
     """The serial link to a board (../firmware_protocol/SPEC.md §3): line rate and patience."""
 
     baudrate: int = Field(921600, gt=0, description="line rate, bits per second (8N1: 10 bits per byte)")

@@ -52,6 +52,8 @@ class TileSpec:
     levels: int
     v_read: float
     max_pulses_per_call: int
+    default_tolerance_us: float  # write-verify tolerance when a call names none
+    default_max_trials: int  # write-verify budget, in trials per device, when a call names none
     capabilities: frozenset[Capability]
 
     @property
@@ -244,14 +246,6 @@ class Tile(ABC):
     def _read_reference(self) -> torch.Tensor:
         raise CapabilityError("this tile has no reference devices")
 
-    @property
-    @abstractmethod
-    def default_tolerance_us(self) -> float: ...
-
-    @property
-    @abstractmethod
-    def default_max_trials(self) -> int: ...
-
     # ---- argument checks shared by every backend ------------------------------------------
     def _require(self, capability: Capability) -> None:
         if not self.spec.supports(capability):
@@ -323,13 +317,13 @@ class Tile(ABC):
 
     def _verify_limits(self, tolerance_us: float | None, max_trials: int | None) -> tuple[float, int]:
         try:
-            tolerance = self.default_tolerance_us if tolerance_us is None else float(tolerance_us)
+            tolerance = self.spec.default_tolerance_us if tolerance_us is None else float(tolerance_us)
         except (TypeError, ValueError):
             raise UnsafeValueError(f"tolerance_us must be a number, got {tolerance_us!r}") from None
         if not 0 < tolerance < math.inf:
             raise UnsafeValueError(f"tolerance_us must be positive and finite, got {tolerance_us}")
         if max_trials is None:
-            return tolerance, self.default_max_trials
+            return tolerance, self.spec.default_max_trials
         return tolerance, checked_integer(max_trials, "max_trials", 1, MAX_TRIALS, UnsafeValueError)
 
     # ---- several tiles at once (one layer spread over a board's tiles) --------------------

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import pyvisa
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
 from cim_hil.board import Board
+from cim_hil.config import ConductanceRange
 from cim_hil.errors import BoardError, ConfigError
 from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
 from drivers.instruments import SafetyLimits, SourceMeasureUnit, SwitchMatrix, open_resource, open_smu
@@ -23,10 +24,8 @@ from drivers.instruments import SafetyLimits, SourceMeasureUnit, SwitchMatrix, o
 HOST_FLOAT_BITS = 24  # products are host arithmetic on float32 reads: a 24-bit mantissa
 
 
-class InstrumentBoardConfig(BaseModel):
+class InstrumentBoardConfig(ConductanceRange):
     """The array on the probe station, how to drive it, and where its instruments are."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     matrix_resource: str = Field(description="VISA resource of the switch matrix")
     visa_library: str = Field("@py", description="pyvisa backend: '@py' (pyvisa-py), '<file>.yaml@sim', or a VISA path")
@@ -47,12 +46,6 @@ class InstrumentBoardConfig(BaseModel):
     max_pulses_per_call: int = Field(1000, ge=1)
     limits: SafetyLimits = SafetyLimits()
 
-    @model_validator(mode="after")
-    def _range(self) -> "InstrumentBoardConfig":
-        if self.g_max_us <= self.g_min_us:
-            raise ValueError(f"g_max_us ({self.g_max_us}) must exceed g_min_us ({self.g_min_us})")
-        return self
-
 
 class InstrumentTile(Tile):
     """A rows x cols crossbar reached one device at a time through a switch matrix."""
@@ -63,19 +56,12 @@ class InstrumentTile(Tile):
             rows=config.rows, cols=config.cols, input_bits=HOST_FLOAT_BITS, output_bits=HOST_FLOAT_BITS,
             g_min_us=config.g_min_us, g_max_us=config.g_max_us, levels=config.levels, v_read=config.read_voltage_v,
             max_pulses_per_call=min(config.max_pulses_per_call, config.limits.max_pulses_per_command),
+            default_tolerance_us=config.tolerance_us, default_max_trials=config.max_trials,
             capabilities=frozenset({Capability.COMPUTED_PRODUCTS, Capability.PULSES, Capability.WRITE_VERIFY}),
         )
         # No periphery clock: counters count operations; time on the bench is the user's wall clock.
         self.counters = Counters(clock_hz=1.0)
         self.reference_us = (config.g_min_us + config.g_max_us) / 2
-
-    @property
-    def default_tolerance_us(self) -> float:
-        return self.config.tolerance_us
-
-    @property
-    def default_max_trials(self) -> int:
-        return self.config.max_trials
 
     # ---- one device ---------------------------------------------------------------------------
     # Routing and driving one device is one transaction over both instruments (always locked in

@@ -19,15 +19,14 @@ import threading
 from dataclasses import dataclass
 
 import pyvisa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from cim_hil.config import Strict
 from cim_hil.errors import BoardError, UnsafeValueError
 
 
-class SafetyLimits(BaseModel):
+class SafetyLimits(Strict):
     """What the devices under test survive; nothing outside this range is ever sent."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_voltage_v: float = Field(2.0, gt=0.0, description="largest |voltage|, DC or pulse")
     max_compliance_a: float = Field(1e-3, gt=0.0, description="largest current compliance")

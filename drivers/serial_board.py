@@ -23,11 +23,12 @@ import serial
 import torch
 
 from cim_hil.board import Board
-from cim_hil.config import LinkConfig
 from cim_hil.codes import input_codes
+from cim_hil.config import LinkConfig
 from cim_hil.errors import BoardError, ConfigError, UnsafeValueError
 from cim_hil.layer_products import Convolution, LayerCut, products_of_blocks
-from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
+from cim_hil.tile import Counters, ProgramResult, Tile, Window
+from drivers.board_info import spec_from_info
 from drivers.link import BoardRefused, Link
 from firmware_protocol import messages as m
 from firmware_protocol.codes import CodeFormat
@@ -42,18 +43,7 @@ class SerialTile(Tile):
 
     def __init__(self, link: Link, index: int, info: m.Info) -> None:
         self.link, self.index, self.board_info = link, index, info
-        self.spec = TileSpec(
-            rows=info.rows,
-            cols=info.cols,
-            input_bits=info.input_bits,
-            output_bits=info.output_bits,
-            g_min_us=info.g_min_us,
-            g_max_us=info.g_max_us,
-            levels=info.levels,
-            v_read=info.v_read,
-            max_pulses_per_call=info.max_pulses_per_call,
-            capabilities=frozenset(Capability(bit.name) for bit in m.Capabilities if info.capabilities & bit),
-        )
+        self.spec = spec_from_info(info)
         self._input_dtype = np.int8 if info.input_bits <= 8 else np.int16
 
     @property
@@ -65,14 +55,6 @@ class SerialTile(Tile):
             transpose_products=reply.transpose_products, pulses=reply.pulses, device_reads=reply.device_reads,
             verify_trials=reply.verify_trials, energy_nj=reply.energy_nj,
         )
-
-    @property
-    def default_tolerance_us(self) -> float:
-        return self.board_info.default_tolerance_us
-
-    @property
-    def default_max_trials(self) -> int:
-        return self.board_info.default_max_trials
 
     # ---- products -------------------------------------------------------------------------
     def _products(self, x: torch.Tensor, transpose: bool, outputs: int) -> torch.Tensor:

@@ -31,8 +31,8 @@ class ErrorCode(IntEnum):
     UNSUPPORTED = 9
 
 
-class Capabilities(IntEnum):
-    """Bits of INFO.capabilities; names match ``cim_hil.tile.Capability``."""
+class CapabilityBit(IntEnum):
+    """The bits of INFO.capabilities, each named as the host's capability it stands for."""
 
     analog_products = 0x01
     transpose = 0x02
@@ -704,11 +704,15 @@ def decode_message(type_code: int, payload: bytes) -> Message:
         raise PayloadError(f"{cls.__name__}: {error}") from None
 
 
+def payload_pieces(payload: bytes, max_payload: int = MAX_PAYLOAD) -> list[bytes]:
+    """``payload`` cut into pieces of at most ``max_payload`` bytes; an empty payload is one piece."""
+    return [payload[i : i + max_payload] for i in range(0, len(payload), max_payload)] or [b""]
+
+
 def fragments(message: Message, first_seq: int, max_payload: int = MAX_PAYLOAD) -> list[Frame]:
     """The frames that carry ``message``: payload cut into max_payload pieces, MORE on all but
     the last, consecutive sequence numbers (mod 2^16). An empty payload is one frame."""
-    payload = message.encode()
-    pieces = [payload[i : i + max_payload] for i in range(0, len(payload), max_payload)] or [b""]
+    pieces = payload_pieces(message.encode(), max_payload)
     return [
         Frame(message.TYPE, (first_seq + i) & 0xFFFF, piece, FLAG_MORE if i < len(pieces) - 1 else 0)
         for i, piece in enumerate(pieces)

@@ -1,11 +1,17 @@
-"""The reference firmware checks what comes off the wire itself, before it touches a tile."""
+"""The reference firmware checks what comes off the wire itself, before it touches a tile, and
+tells the host its tiles' specs in INFO."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 
 from cim_hil.emulator.board import build_emulator
+from cim_hil.tile import Capability
+from drivers.board_info import capabilities_from_bits, capability_bits, spec_from_info
 from drivers.simulators.firmware import BoardFirmware
 from firmware_protocol import messages as m
-from firmware_protocol.framing import Frame, decode_frame
+from firmware_protocol.framing import VERSION, Frame, decode_frame
 
 from .conftest import make_config
 
@@ -29,3 +35,22 @@ def test_a_window_on_the_tile_is_read():
     reply = m.decode_message(answer.type, answer.payload)
     assert isinstance(reply, m.Map) and reply.codes.shape == (3, 7)
     assert firmware.board[0].counters.device_reads > 0
+
+
+def test_hello_tells_the_host_the_emulators_spec_field_by_field():
+    firmware = BoardFirmware(lambda: build_emulator(make_config(soc=dict(tiles=2, rows=8, cols=16), seed=4,
+                                                                periphery=dict(transpose=True))))
+    answer = decode_frame(firmware.answer(Frame(m.Hello.TYPE, 1, m.Hello(VERSION).encode()))[1:-1])
+    info = m.decode_message(answer.type, answer.payload)
+    told, true = dataclasses.asdict(spec_from_info(info)), dataclasses.asdict(firmware.board[0].spec)
+    assert info.tiles == 2 and told.keys() == true.keys()
+    for name, value in true.items():
+        # INFO carries reals as float32; everything else arrives exactly.
+        assert told[name] == (float(np.float32(value)) if isinstance(value, float) else value), name
+    assert Capability.TRANSPOSE in told["capabilities"]
+
+
+def test_capability_bits_carry_every_capability_a_board_can_have():
+    board_side = set(Capability) - {Capability.COMPUTED_PRODUCTS}  # a host-side way of working
+    assert capabilities_from_bits(capability_bits(Capability)) == board_side
+    assert capability_bits([Capability.PULSES, Capability.REFERENCE]) == m.CapabilityBit.pulses | m.CapabilityBit.reference

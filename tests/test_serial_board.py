@@ -16,9 +16,9 @@ from cim_hil.errors import BoardError, UnsafeValueError
 from cim_hil.nn import MappingConfig, convert_to_analog
 from cim_hil.tile import products_together, program_together
 from cim_hil.training.optimizer import MixedPrecisionOptimizer
+from drivers.link import BoardNotAnswering
 from drivers.simulators.faults import FaultPlan
 from drivers.simulators.firmware import BoardFirmware
-from drivers.link import BoardNotAnswering
 from drivers.simulators.virtual_board import VirtualBoard
 from firmware_protocol import messages as m
 from firmware_protocol.framing import FLAG_MORE, Frame, decode_frame

@@ -12,7 +12,8 @@ from cim_hil.config import EmulatorConfig, load_config, validate
 from cim_hil.emulator.tile import EmulatedTile
 from cim_hil.errors import ConfigError
 
-QUERY_FIELDS = {"tiles": "soc", "rows": "soc", "cols": "soc", "transpose": "periphery", "seed": None, "torch_device": None}
+QUERY_FIELDS = {"tiles": "soc", "rows": "soc", "cols": "soc", "first_tile": "soc", "transpose": "periphery", "seed": None,
+                "torch_device": None}
 
 
 def resolve_torch_device(name: str) -> torch.device:
@@ -60,7 +61,7 @@ def build_emulator(config: EmulatorConfig, url: str = "emulator:") -> Board:
     # Every tile's weight and reference conductances in one tensor: a layer's tiles are one slice.
     conductances = torch.zeros(config.soc.tiles, 2, config.soc.rows, config.soc.cols, device=device)
     tiles = [
-        EmulatedTile(config, tile_generator(config.seed, index, device), device, (conductances, index))
+        EmulatedTile(config, tile_generator(config.seed, config.soc.first_tile + index, device), device, (conductances, index))
         for index in range(config.soc.tiles)
     ]
     info = {"backend": "emulator", "seed": config.seed, "clock_hz": config.timing.clock_hz}

@@ -56,6 +56,8 @@ class EmulatedTile(Tile):
             levels=dev.levels,
             v_read=as_float32(per.v_read),
             max_pulses_per_call=config.write_verify.max_pulses_per_call,
+            default_tolerance_us=config.write_verify.tolerance_levels * dev.level_spacing_us,
+            default_max_trials=config.write_verify.max_trials,
             capabilities=frozenset(capabilities),
         )
         self.counters = Counters(clock_hz=config.timing.clock_hz)
@@ -79,14 +81,6 @@ class EmulatedTile(Tile):
         self._kept_plans: dict[tuple, ProductPlan | None] = {}
         self._kept_fixed: tuple | None = None
         self._kept_slots: tuple | None = None
-
-    @property
-    def default_tolerance_us(self) -> float:
-        return self.config.write_verify.tolerance_levels * self.config.device.level_spacing_us
-
-    @property
-    def default_max_trials(self) -> int:
-        return self.config.write_verify.max_trials
 
     # ---- emulator state (checkpoints) -----------------------------------------------------
     def state_dict(self) -> dict:

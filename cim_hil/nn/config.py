@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from cim_hil.config import _Strict
+from cim_hil.config import Strict
 
 
-class MappingConfig(_Strict):
+class MappingConfig(Strict):
     """Weight-to-conductance mapping of one analog layer.
 
     ``write_verify``: each weight's device sits on one of the tile's levels; the host keeps the

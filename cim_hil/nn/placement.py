@@ -212,21 +212,29 @@ def plan_shapes(shapes: list[LayerShape] | tuple[LayerShape, ...], rows: int, co
             for c in range(col_blocks):
                 pieces.append((shape.name, (r, c), min(rows, shape.inputs - r * rows), min(cols, shape.outputs - c * cols)))
     if pack:
-        spots = _pack([(height, width) for _, _, height, width in pieces], rows, cols)
+        kinds = {shape.name: shape.kind for shape in shapes}
+        first = [index for index, piece in enumerate(pieces) if kinds[piece[0]] == "Conv2d"]
+        spots = _pack([(height, width) for _, _, height, width in pieces], rows, cols, first)
     else:
         spots = [(index, 0, 0) for index in range(len(pieces))]
     blocks = tuple(Block(name, grid, height, width, *spot) for (name, grid, height, width), spot in zip(pieces, spots))
     return Placement(rows, cols, tuple(shapes), blocks, tuple(host), pack)
 
 
-def _pack(sizes: list[tuple[int, int]], rows: int, cols: int) -> list[tuple[int, int, int]]:
-    """(tile, row, col) for each block of ``sizes`` (height, width): largest blocks first, each
-    into the free rectangle it fills best (a guillotine packer: a placed block splits its free
-    rectangle in two along the shorter leftover side); a new tile when none fits."""
+def _pack(sizes: list[tuple[int, int]], rows: int, cols: int, first: list[int]) -> list[tuple[int, int, int]]:
+    """(tile, row, col) for each block of ``sizes`` (height, width): the blocks ``first`` names
+    in that order, then the largest first, each into the free rectangle it fills best (a
+    guillotine packer: a placed block splits its free rectangle in two along the shorter
+    leftover side); a new tile when none fits.
+
+    The convolutions' blocks go first (the earliest at a tile's corner): a convolution runs a
+    product per patch, hundreds per image, and a window away from the corner costs every one
+    of them the zeros before it on a link that does not carry windows."""
     free: list[tuple[int, int, int, int, int]] = []  # (tile, row, col, height, width)
     spots: list[tuple[int, int, int] | None] = [None] * len(sizes)
     tiles = 0
-    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i][0] * sizes[i][1], -sizes[i][0], -sizes[i][1], i)):
+    rest = sorted(set(range(len(sizes))) - set(first), key=lambda i: (-sizes[i][0] * sizes[i][1], -sizes[i][0], -sizes[i][1], i))
+    for index in first + rest:
         height, width = sizes[index]
         fits = [spot for spot in free if spot[3] >= height and spot[4] >= width]
         if not fits:

@@ -22,7 +22,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from cim_hil.board import Board, open_board
-from cim_hil.config import EmulatorConfig, SoCConfig, _Strict, validate
+from cim_hil.config import EmulatorConfig, SoCConfig, Strict, validate
 from cim_hil.errors import BoardError, CimHilError, ConfigError, UnsafeValueError
 from cim_hil.nn import MappingConfig, analog_layers, convert_to_analog
 from cim_hil.nn.placement import Placement, plan_for_board, plan_placement
@@ -39,7 +39,7 @@ CHECKPOINT_FORMAT = 2
 EVAL_BATCH = 500
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     board: str = Field("emulator:", description="board URL; the emulator gets as many tiles as the model needs")
     float_baseline: bool = Field(False, description="train in float32 on the host instead")
     epochs: int = Field(3, ge=1)

@@ -8,11 +8,12 @@ cable does to them. Seeded, so a failing run can be replayed.
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from cim_hil.config import Strict
 
 
-class FaultPlan(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class FaultPlan(Strict):
 
     drop_byte_rate: float = Field(0.0, ge=0.0, lt=1.0, description="chance each byte is lost, either way")
     flip_bit_rate: float = Field(0.0, ge=0.0, lt=1.0, description="chance each byte has one bit flipped")

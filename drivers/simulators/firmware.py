@@ -21,21 +21,16 @@ from cim_hil.codes import top_code
 from cim_hil.emulator.tile import EmulatedTile
 from cim_hil.errors import CapabilityError, ConfigError, ShapeError, UnsafeValueError
 from cim_hil.layer_products import Convolution, LayerCut, layer_products
-from cim_hil.tile import Capability, Counters, program_devices
-from firmware_protocol.codes import CodeFormat
+from cim_hil.tile import Counters, program_devices
+from drivers.board_info import capability_bits, info_fields
 from firmware_protocol import messages as m
+from firmware_protocol.codes import CodeFormat
 from firmware_protocol.errors import ProtocolError, UnknownMessageError
 from firmware_protocol.framing import FLAG_MORE, MAX_PAYLOAD, VERSION, Frame, FrameDecoder, encode_frame
 
 FIRMWARE_VERSION = (0, 3, 0)
 MAX_REPORTED_TRIALS = 255  # DEVICES_REPORT carries trials in a u8 (SPEC.md §8.2)
 WIDEST_CODE_BITS = 16  # the protocol carries codes in at most 16 bits (SPEC.md §4.2-4.3)
-_CAPABILITY_BITS = {Capability(c.name): int(c) for c in m.Capabilities}
-
-
-def _capability_bits(capabilities) -> int:
-    """INFO.capabilities of a tile's capability set."""
-    return sum(_CAPABILITY_BITS[c] for c in capabilities if c in _CAPABILITY_BITS)
 
 
 class Refusal(Exception):
@@ -134,8 +129,7 @@ class BoardFirmware:
             reply = self._execute(message)
         except Refusal as refusal:
             return self._error_frame(frame, refusal.code, str(refusal))
-        payload = reply.encode()
-        pieces = [payload[i : i + MAX_PAYLOAD] for i in range(0, len(payload), MAX_PAYLOAD)] or [b""]
+        pieces = m.payload_pieces(reply.encode(), MAX_PAYLOAD)
         self._pieces, self._pending_type = pieces if len(pieces) > 1 else [], reply.TYPE
         return Frame(reply.TYPE, frame.seq, pieces[0], FLAG_MORE if len(pieces) > 1 else 0)
 
@@ -177,13 +171,13 @@ class BoardFirmware:
     def _require(self, message: m.Message) -> None:
         """UNSUPPORTED before OUT_OF_RANGE: what the board lacks is refused before any field is
         checked (SPEC.md §4.9)."""
-        needed = {m.Forward: [m.Capabilities.analog_products], m.PulsesSparse: [m.Capabilities.pulses],
-                  m.PulsesDense: [m.Capabilities.pulses], m.Program: [m.Capabilities.write_verify]}.get(type(message), [])
+        needed = {m.Forward: [m.CapabilityBit.analog_products], m.PulsesSparse: [m.CapabilityBit.pulses],
+                  m.PulsesDense: [m.CapabilityBit.pulses], m.Program: [m.CapabilityBit.write_verify]}.get(type(message), [])
         if isinstance(message, m.Forward) and message.transpose:
-            needed.append(m.Capabilities.transpose)
+            needed.append(m.CapabilityBit.transpose)
         if isinstance(message, (m.Program, m.ReadMap)) and message.array == 1:
-            needed.append(m.Capabilities.reference)
-        have = _capability_bits(self.board[0].spec.capabilities)
+            needed.append(m.CapabilityBit.reference)
+        have = capability_bits(self.board[0].spec.capabilities)
         for capability in needed:
             if not have & capability:
                 raise Refusal(m.ErrorCode.UNSUPPORTED, f"this board has no {capability.name.replace('_', ' ')}")
@@ -200,14 +194,12 @@ class BoardFirmware:
                 f"this board speaks protocol version {self.protocol_version}, not {hello.protocol_version}",
             )
         tile = self.board[0]
-        spec = tile.spec
+        major, minor, patch = FIRMWARE_VERSION
         return m.Info(
-            self.protocol_version, *FIRMWARE_VERSION, len(self.board), spec.rows, spec.cols,
-            spec.input_bits, spec.output_bits, spec.levels,
-            _capability_bits(spec.capabilities), int(tile.counters.clock_hz),
-            spec.g_min_us, spec.g_max_us, spec.v_read, tile.forward_adc.lsb, tile.backward_adc.lsb,
-            tile.read_lsb_us, MAX_PAYLOAD, spec.max_pulses_per_call, tile.default_tolerance_us,
-            tile.default_max_trials,
+            protocol_version=self.protocol_version, firmware_major=major, firmware_minor=minor,
+            firmware_patch=patch, tiles=len(self.board), clock_hz=int(tile.counters.clock_hz),
+            forward_lsb_ua=tile.forward_adc.lsb, backward_lsb_ua=tile.backward_adc.lsb,
+            read_lsb_us=tile.read_lsb_us, max_payload=MAX_PAYLOAD, **info_fields(tile.spec),
         )
 
     def _on_forward(self, request: m.Forward) -> m.Products:
@@ -300,7 +292,7 @@ class BoardFirmware:
         per_tile = spec.rows * spec.cols
         if request.places.size and int(request.places.max()) >= per_tile:
             raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"a place is beyond the {spec.rows}x{spec.cols} tile")
-        trials = request.max_trials or tiles[0].default_max_trials
+        trials = request.max_trials or spec.default_max_trials
         if trials > MAX_REPORTED_TRIALS:
             raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"max_trials {trials} does not fit the report's u8 trials")
         if request.targets.dtype.kind == "f":

@@ -18,9 +18,9 @@ import tty
 from cim_hil.config import EmulatorConfig
 from cim_hil.emulator.board import build_emulator
 from cim_hil.errors import BoardError, ConfigError
+from drivers.link import BITS_PER_BYTE
 from drivers.simulators.faults import FaultPlan, LineFaults
 from drivers.simulators.firmware import BoardFirmware
-from drivers.link import BITS_PER_BYTE
 from firmware_protocol.framing import VERSION, FrameDecoder
 
 POLL_S = 0.02  # how often the serving loop looks at its stop flag

@@ -1,0 +1,142 @@
+"""One board made of several: ``composite:URL1|URL2|...``.
+
+A composite board is a ``Board`` like any other: its tiles are its members' tiles in the order
+the URLs name them, so the trainer, the planner and calibration run on it unchanged: a
+reference SoC on a serial cable plus emulated tiles
+(``composite:socket://127.0.0.1:7000|emulator:?tiles=14&first_tile=4``), or several SoCs on
+several cables. Work on tiles of several members runs one tile after the other, each through
+its own backend, with the numbers each tile gives alone. Counters and link figures are kept
+per member (read from all members at once) and summed. A member that fails raises its own
+error, which names its port; the caller's host state is as that error leaves it (the trainer
+changes nothing until every device of a step is programmed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from cim_hil.board import Board, open_board
+from cim_hil.errors import BoardError, CimHilError
+from cim_hil.tile import Counters, TileSpec
+
+SEPARATOR = "|"
+T = TypeVar("T")
+
+
+class CompositeBoard(Board):
+    """The tiles of ``members`` (boards sharing one tile spec) as one board."""
+
+    def __init__(self, members: Sequence[Board], url: str) -> None:
+        if not members:
+            raise BoardError("a composite board needs at least one member board")
+        spec = members[0][0].spec
+        for index, member in enumerate(members[1:], start=1):
+            other = member[0].spec
+            if not _same_spec(spec, other):
+                raise BoardError(f"member {index} ({member.url}) has tiles of {other.rows}x{other.cols}, "
+                                 f"{other.levels} levels in [{other.g_min_us:g}, {other.g_max_us:g}] uS, capabilities "
+                                 f"{', '.join(sorted(other.capabilities))}; member 0 ({members[0].url}) of {spec.rows}x"
+                                 f"{spec.cols}, {spec.levels} levels in [{spec.g_min_us:g}, {spec.g_max_us:g}] uS, "
+                                 f"capabilities {', '.join(sorted(spec.capabilities))}: a composite board's tiles "
+                                 "must share one spec")
+        # A spec read from a board's INFO holds float32 values, the emulator's float64 ones: the
+        # same spec, so every member's tiles take member 0's, and groups of them run as one.
+        for member in members[1:]:
+            for tile in member.tiles:
+                tile.spec = spec
+        self.members = list(members)
+        super().__init__([tile for member in self.members for tile in member.tiles], url, {"backend": "composite"})
+        self.member_of = {id(tile): index for index, member in enumerate(self.members) for tile in member.tiles}
+        self._workers = ThreadPoolExecutor(max_workers=len(self.members), thread_name_prefix="composite-member")
+
+    def each(self, calls: Sequence[tuple[int, Callable[[], T]]]) -> list[T]:
+        """Run ``(member index, call)`` pairs, members at the same time; a member's error names it."""
+        if len(calls) == 1:
+            return [self._named(*calls[0])]
+        futures = [self._workers.submit(self._named, index, call) for index, call in calls]
+        return [future.result() for future in futures]
+
+    def _named(self, index: int, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except CimHilError as error:
+            raise type(error)(f"member {index} of composite board {self.url} ({self.members[index].url}): "
+                              f"{error}") from None
+
+    # ---- what it did ----------------------------------------------------------------------
+    def member_counters(self) -> list[Counters]:
+        """Each member's counters (link figures included where a member has a link)."""
+        return self.each([(index, lambda member=member: member.counters) for index, member in enumerate(self.members)])
+
+    @property
+    def counters(self) -> Counters:
+        each = self.member_counters()
+        total = Counters(clock_hz=each[0].clock_hz)
+        for counters in each:
+            total = total + counters
+        return total
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "members": [member.info() for member in self.members]}
+
+    # ---- emulated state, for checkpoints --------------------------------------------------
+    def state_dict(self) -> dict[str, Any] | None:
+        """The members' emulated states; None when any member is real hardware, whose devices
+        keep their own state (a resume then writes every device again from the host)."""
+        states = [member.state_dict() for member in self.members]
+        return None if any(state is None for state in states) else {"url": self.url, "members": states}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            return
+        if len(state.get("members", ())) != len(self.members):
+            raise BoardError(f"checkpoint holds a board of {len(state.get('members', ()))} members, "
+                             f"{self.url} has {len(self.members)}")
+        for member, member_state in zip(self.members, state["members"]):
+            member.load_state_dict(member_state)
+
+    def close(self) -> None:
+        self._workers.shutdown(wait=True)
+        for member in self.members:
+            member.close()
+
+
+def _same_spec(a: TileSpec, b: TileSpec) -> bool:
+    """Equal, floats compared as the float32 a board's INFO carries them."""
+    for name, value in vars(a).items():
+        other = getattr(b, name)
+        if isinstance(value, float):
+            if not math.isclose(value, other, rel_tol=1e-6):
+                return False
+        elif value != other:
+            return False
+    return True
+
+
+def open_composite(url: str, config: Any = None) -> CompositeBoard:
+    """``composite:URL1|URL2|...``: each member opened with ``open_board`` from its own URL
+    alone (``config`` must be None: members are configured by their URLs); if one cannot be
+    opened, those already open are closed and the error names it."""
+    if config is not None:
+        raise BoardError("a composite board takes no config: configure each member through its URL")
+    urls = [part for part in url.removeprefix("composite:").split(SEPARATOR)]
+    if not urls or any(not part for part in urls):
+        raise BoardError(f"composite board URL {url!r} must list member URLs separated by {SEPARATOR!r}, "
+                         "e.g. composite:socket://127.0.0.1:7000|emulator:?tiles=14&first_tile=4")
+    members: list[Board] = []
+    try:
+        for index, member_url in enumerate(urls):
+            if member_url.startswith("composite:"):
+                raise BoardError("a composite board's members cannot be composite boards themselves")
+            try:
+                members.append(open_board(member_url))
+            except CimHilError as error:
+                raise type(error)(f"member {index} of composite board {url} ({member_url}): {error}") from None
+        return CompositeBoard(members, url)
+    except BaseException:
+        for member in members:
+            member.close()
+        raise

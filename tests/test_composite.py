@@ -1,0 +1,107 @@
+"""Composite boards: a virtual board on a real socket plus emulated tiles, as one board."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from cim_hil.board import open_board
+from cim_hil.errors import BoardError
+from cim_hil.nn import MappingConfig, analog_layers, convert_to_analog
+from cim_hil.training import MixedPrecisionOptimizer
+from drivers.simulators.virtual_board import VirtualBoard
+from tests.conftest import make_config
+
+# Conductances and read voltage exact in float32, as a board's INFO carries them: the mapping
+# (from member 0's spec, read from the INFO) then computes what it computes on one emulator.
+CHIP = make_config(soc=dict(tiles=2, rows=32, cols=32), device=dict(g_min_us=8.0, g_max_us=32.0),
+                   periphery=dict(transpose=True, v_read=0.125), seed=5)
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A virtual board of tiles 0-1 of CHIP on a loopback socket, and CHIP's config file."""
+    path = tmp_path / "chip.json"
+    path.write_text(CHIP.model_dump_json())
+    board = VirtualBoard(CHIP)
+    url = board.open_tcp()
+    board.start()
+    yield url, board, path
+    board.stop()
+
+
+def _model():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(40, 50), nn.ReLU(), nn.Linear(50, 10))  # 2 x 2 blocks, then 2 x 1: 6 tiles
+
+
+def _train(board, steps=3):
+    analog = convert_to_analog(_model(), board, MappingConfig(differential=True, backward="analog"))
+    optimizer = MixedPrecisionOptimizer(analog, lr=0.05, rule="adam")
+    generator = torch.Generator().manual_seed(0)
+    outputs = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        y = analog(torch.randn(6, 40, generator=generator))
+        y.square().sum().backward()
+        optimizer.step()
+        outputs.append(y.detach())
+    return analog, optimizer, outputs
+
+
+def test_a_virtual_board_plus_emulated_tiles_gives_the_numbers_of_one_emulator(served):
+    url, _, chip = served
+    with open_board(f"emulator:{chip}?tiles=6") as alone, \
+            open_board(f"composite:{url}|emulator:{chip}?tiles=4&first_tile=2") as composite:
+        assert len(composite) == 6 and [m.info()["backend"] for m in composite.members] == ["serial", "emulator"]
+        expected, expected_optimizer, expected_outputs = _train(alone)
+        got, optimizer, outputs = _train(composite)
+        # The outputs agree to float rounding: a whole layer on one emulator sums its blocks in
+        # the emulator's own layer call, across members block by block (a last-bit difference);
+        # the devices, the levels and the weights agree exactly.
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(expected_outputs, outputs))
+        for a, b in zip(analog_layers(expected), analog_layers(got)):
+            assert torch.equal(a.weight, b.weight) and torch.equal(a.levels, b.levels)
+        assert optimizer.last_step["devices_programmed"] == expected_optimizer.last_step["devices_programmed"] > 0
+        for tile_alone, tile in zip(alone, composite):  # the devices themselves, read (with read noise) alike
+            assert torch.equal(tile_alone.read_conductances(), tile.read_conductances())
+        each = composite.member_counters()
+        assert each[0].link_bytes_out > 0 and each[1].link_bytes_out == 0  # only the serial member has a link
+        total = composite.counters
+        assert total.products == each[0].products + each[1].products == alone.counters.products
+        assert total.cycles == alone.counters.cycles
+        assert composite.info()["members"][0]["link"]["frames_out"] > 0
+
+
+def test_a_failing_member_is_named_and_the_host_state_is_kept(served):
+    url, board, chip = served
+    with open_board(f"composite:{url}|emulator:{chip}?tiles=4&first_tile=2") as composite:
+        analog, optimizer, _ = _train(composite, steps=1)
+        x = torch.randn(6, 40)
+        analog(x).square().sum().backward()
+        weights = [layer.weight.detach().clone() for layer in analog_layers(analog)]
+        chi = [optimizer.state[layer.weight]["chi"].clone() for layer in analog_layers(analog)]
+        board.stop()  # the virtual board goes away: member 0's link is dead
+        with pytest.raises(BoardError, match=re.escape(url)):
+            optimizer.step()
+            analog(x)
+        assert all(torch.equal(a, layer.weight) for a, layer in zip(weights, analog_layers(analog)))
+        assert all(torch.equal(a, optimizer.state[layer.weight]["chi"]) for a, layer in zip(chi, analog_layers(analog)))
+
+
+def test_composite_urls_are_checked(served):
+    url, _, _ = served
+    with pytest.raises(BoardError, match="must list member URLs"):
+        open_board("composite:")
+    with pytest.raises(BoardError, match="member 1 .* has tiles of 64x64"):
+        open_board(f"composite:{url}|emulator:?tiles=2")
+    # A board's INFO carries float32 values (7.6 uS is 7.5999999 there), the emulator float64
+    # ones: the same spec all the same.
+    with VirtualBoard(make_config(soc=dict(tiles=2, rows=32, cols=32), periphery=dict(transpose=True))) as default:
+        default_url = default.open_tcp()
+        default.start()
+        with open_board(f"composite:{default_url}|emulator:?tiles=2&rows=32&cols=32&transpose=true") as board:
+            assert board[0].spec.g_min_us != 7.6 and all(tile.spec == board[0].spec for tile in board)
+    with pytest.raises(BoardError, match="member 1 of composite board .*nowhere"):
+        open_board(f"composite:{url}|nowhere:")
