@@ -20,6 +20,7 @@ import sys
 import tempfile
 from contextlib import ExitStack
 
+from cim_hil.config import LinkConfig
 from cim_hil.nn.placement import plan_placement
 from cim_hil.training import TrainConfig
 from cim_hil.training.distributed import spawn_ranks
@@ -28,6 +29,9 @@ from cim_hil.training.mnist import load_mnist
 
 BATCH = 16
 TEST_PER_RANK = 40
+# The emulator behind a virtual board computes a whole model's first write-verify far slower than a
+# chip would (seconds on a busy machine); the link waits that long for the answer.
+LINK_PATIENCE_S = 30.0
 
 
 def serve(stack: ExitStack, tiles: int, baud: int, seed: int) -> str:
@@ -50,7 +54,7 @@ def run(ranks: int, samples_per_rank: int, baud: int, tiles: int, data) -> dict:
         urls = [serve(stack, tiles, baud, seed=rank) for rank in range(ranks)]
         config = TrainConfig(epochs=1, batch_size=BATCH, train_limit=samples_per_rank * ranks,
                              test_limit=TEST_PER_RANK * ranks, rank_boards=urls, pack=False,
-                             distributed_timeout_s=600)
+                             distributed_timeout_s=600, link=LinkConfig(baudrate=baud, response_timeout_s=LINK_PATIENCE_S))
         summary = spawn_ranks(config, data, out, ranks, progress=False)
     return {
         "samples": summary["train_samples"] if ranks > 1 else samples_per_rank,

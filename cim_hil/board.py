@@ -46,6 +46,12 @@ class Board:
             total = total + counters
         return total
 
+    def link_traffic(self) -> dict[str, float]:
+        """What crossed the board's link so far (``link_seconds`` waiting on it,
+        ``link_bytes_out``, ``link_bytes_in``), without asking the board anything; empty for a
+        board without a link."""
+        return {}
+
     def info(self) -> dict[str, Any]:
         spec = self.tiles[0].spec
         return {

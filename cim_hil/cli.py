@@ -4,6 +4,7 @@ This module is the top layer and holds only the wiring. Each command lives besid
 it drives, in a module that offers ``register(subparsers)``: it adds its parser and sets
 ``run=<handler>`` (handler: ``args -> None``, raising a ``CimHilError`` for anything the user
 got wrong). ``demo`` is in ``cim_hil/demo.py``, ``train`` in ``cim_hil/training/cli.py``, ``plan`` in ``cim_hil/nn/cli.py``,
+``deploy`` in ``cim_hil/deploy/cli.py``,
 ``calibrate`` in ``calibration/cli.py``, ``board info`` and ``instruments list`` in
 ``drivers/cli.py``, ``board serve`` in ``drivers/simulators/cli.py``. To add a command, write
 such a module in your package and add one ``register`` line to :func:`build_parser`. Handlers
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the packages (and torch with them) load.
     import calibration.cli
     import cim_hil.demo
+    import cim_hil.deploy.cli
     import cim_hil.nn.cli
     import cim_hil.training.cli
     import drivers.cli
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     cim_hil.training.cli.register(commands)
     cim_hil.nn.cli.register(commands)
     calibration.cli.register(commands)
+    cim_hil.deploy.cli.register(commands)
 
     board = commands.add_parser("board", help="serve a virtual board, or ask a board what it is")
     board_commands = board.add_subparsers(dest="board_command", required=True)

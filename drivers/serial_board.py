@@ -154,8 +154,9 @@ class SerialTile(Tile):
         cls, tiles: list[SerialTile], devices: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor,
         tolerance_us: float, max_trials: int,
     ) -> ProgramResult:
-        """One PROGRAM_DEVICES for the named devices of every tile: targets as level indices
-        where each is exactly a level's conductance, a compact report back."""
+        """One PROGRAM_DEVICES for the named devices of every tile (several, each of whole
+        arrays, past what one message holds): targets as level indices where each is exactly
+        a level's conductance, a compact report back."""
         first = tiles[0]
         if max_trials > MAX_REPORTED_TRIALS or any(tile.link is not first.link for tile in tiles):
             return super()._program_devices(tiles, devices, targets, reference, tolerance_us, max_trials)
@@ -171,17 +172,39 @@ class SerialTile(Tile):
             wire_targets = levels.numpy().astype(np.uint8 if spec.levels <= 256 else np.uint16)
         else:
             wire_targets = chosen.numpy().astype(np.float32)
-        request = m.ProgramDevices(max_trials, tolerance_us, board_tiles[order].numpy().astype(np.uint16),
-                                   arrays[order].numpy().astype(np.uint8), places[order].numpy().astype(np.uint16),
-                                   wire_targets)
-        reply = first.link.request(request, m.DevicesReport, reply_size=4 + 3 * len(devices) + (len(devices) + 7) // 8)
-        if len(reply.reached_codes) != len(devices):
-            raise BoardError(f"board on {first.link.name} reported {len(reply.reached_codes)} devices of {len(devices)}")
+        sorted_tiles, sorted_arrays, sorted_places = (values[order] for values in (board_tiles, arrays, places))
         reached, trials, failed = (torch.empty(len(devices), dtype=dtype) for dtype in (torch.float32, torch.int64, torch.bool))
-        reached[order] = torch.from_numpy(reply.reached_codes.astype(np.float32)) * first.board_info.read_lsb_us
-        trials[order] = torch.from_numpy(reply.trials.astype(np.int64))
-        failed[order] = torch.from_numpy(reply.failed)
+        # Half a message (SPEC.md §2) of places and targets per request: the report (3 bytes and a
+        # bit a device) and the groups' headers fit the same.
+        per_request = (m.MAX_MESSAGE // 2) // (2 + wire_targets.itemsize)
+        for start, end in _parts_of_whole_arrays(sorted_tiles * 2 + sorted_arrays, per_request):
+            request = m.ProgramDevices(max_trials, tolerance_us, sorted_tiles[start:end].numpy().astype(np.uint16),
+                                       sorted_arrays[start:end].numpy().astype(np.uint8),
+                                       sorted_places[start:end].numpy().astype(np.uint16), wire_targets[start:end])
+            count = end - start
+            reply = first.link.request(request, m.DevicesReport, reply_size=4 + 3 * count + (count + 7) // 8)
+            if len(reply.reached_codes) != count:
+                raise BoardError(f"board on {first.link.name} reported {len(reply.reached_codes)} devices of {count}")
+            chosen_places = order[start:end]
+            reached[chosen_places] = torch.from_numpy(reply.reached_codes.astype(np.float32)) * first.board_info.read_lsb_us
+            trials[chosen_places] = torch.from_numpy(reply.trials.astype(np.int64))
+            failed[chosen_places] = torch.from_numpy(reply.failed)
         return ProgramResult(reached, trials, failed, tolerance_us)
+
+
+def _parts_of_whole_arrays(arrays: torch.Tensor, limit: int) -> list[tuple[int, int]]:
+    """(start, end) parts of devices sorted by ``arrays`` (tile x 2 + array), each at most
+    ``limit`` devices unless one array has more, never splitting an array: each array's
+    devices are then programmed in one request, drawing its noise as it would in one call."""
+    if len(arrays) <= limit:
+        return [(0, len(arrays))]
+    starts = [0, *(torch.nonzero(arrays[1:] != arrays[:-1]).flatten() + 1).tolist(), len(arrays)]
+    parts, begin = [], 0
+    for at, following in zip(starts[1:], starts[2:] + [None]):
+        if following is None or following - begin > limit:
+            parts.append((begin, at))
+            begin = at
+    return parts
 
 
 class SerialBoard(Board):
@@ -199,6 +222,10 @@ class SerialBoard(Board):
         total.link_bytes_out = self.link.stats.bytes_out
         total.link_bytes_in = self.link.stats.bytes_in
         return total
+
+    def link_traffic(self) -> dict[str, float]:
+        stats = self.link.stats
+        return {"link_seconds": stats.seconds, "link_bytes_out": stats.bytes_out, "link_bytes_in": stats.bytes_in}
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "link": self.link.stats.as_dict()}

@@ -105,3 +105,27 @@ def test_composite_urls_are_checked(served):
             assert board[0].spec.g_min_us != 7.6 and all(tile.spec == board[0].spec for tile in board)
     with pytest.raises(BoardError, match="member 1 of composite board .*nowhere"):
         open_board(f"composite:{url}|nowhere:")
+
+
+@pytest.mark.slow  # three boards programmed over their links: about 20 s on two busy cores
+def test_lenet_trains_packed_on_three_reference_socs(tmp_path):
+    from cim_hil.training import TrainConfig, Trainer
+    from cim_hil.training.mnist import load_mnist
+
+    boards = [VirtualBoard(make_config(seed=seed)) for seed in range(3)]  # three reference SoCs: 4 tiles each
+    urls = [board.open_tcp() for board in boards]
+    for board in boards:
+        board.start()
+    try:
+        config = TrainConfig(board="composite:" + "|".join(urls), epochs=1, train_limit=32, test_limit=20,
+                             batch_size=16, lr=0.05)
+        trainer = Trainer(config, load_mnist(None), tmp_path, progress=False)
+        assert trainer.placement.packed and trainer.placement.tiles_used == 12 and not trainer.placement.host
+        row = trainer.fit()[0]
+        assert row["devices_programmed"] > 0 and row["pulses"] > 0
+        each = trainer.board.member_counters()
+        assert all(counters.products > 0 and counters.link_bytes_in > 0 for counters in each)
+        trainer.board.close()
+    finally:
+        for board in boards:
+            board.stop()

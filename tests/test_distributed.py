@@ -1,5 +1,6 @@
 """Data-parallel training on torch.distributed (gloo), with real processes and real boards."""
 
+import json
 import multiprocessing
 import re
 import subprocess
@@ -114,3 +115,24 @@ def test_two_ranks_stop_with_an_error_naming_the_board_that_was_killed(tmp_path)
     assert url1.removeprefix("socket://") in rank1 and "resume with --resume" in rank1
     assert stopped_s < timeout_s, f"stopped {stopped_s:.1f} s after the board was killed"
     assert "Traceback" not in stderr
+
+
+@pytest.mark.slow  # two 2-rank runs of the command, about a minute on two busy cores
+def test_a_two_rank_run_resumes_from_rank_0s_checkpoint(tmp_path):
+    common = ["--nproc", "2", "--train-limit", "64", "--test-limit", "20", "--batch-size", "16", "--lr", "0.05",
+              "--host-layers", "7", "--pack", "--no-progress", "--out", str(tmp_path)]
+    first = subprocess.run([sys.executable, "-m", "cim_hil.cli", "train", "--epochs", "1", *common],
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and len(state["rank_boards"]) == 2
+    generators = [board["tiles"][0]["generator"] for board in state["rank_boards"]]
+    assert not torch.equal(*generators)  # each rank's own chip, its own random stream
+    second = subprocess.run([sys.executable, "-m", "cim_hil.cli", "train", "--epochs", "2", "--resume", *common],
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2] and all(row["ranks"] == 2 for row in rows)
+    alone = subprocess.run([sys.executable, "-m", "cim_hil.cli", "train", "--epochs", "3", "--resume", "--out",
+                            str(tmp_path), "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 2 and "written by 2 rank(s); resume it with as many, not 1" in alone.stderr

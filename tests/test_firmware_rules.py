@@ -154,6 +154,15 @@ def test_any_request_abandons_the_pending_pieces(firmware):
     assert refused(ask(firmware, m.Next.TYPE, 3, m.Next(1).encode())) == E.NO_PENDING_REPLY
 
 
+def test_next_for_no_such_piece_or_with_more_is_refused_and_keeps_the_pending_pieces(firmware):
+    _read_whole_tile(firmware, 1)  # 6 + 8192 bytes: pieces 0..8
+    assert refused(ask(firmware, m.Next.TYPE, 2, m.Next(0).encode())) == E.NO_PENDING_REPLY
+    assert refused(ask(firmware, m.Next.TYPE, 3, m.Next(9).encode())) == E.NO_PENDING_REPLY
+    assert refused(ask(firmware, m.Next.TYPE, 4, m.Next(1).encode(), FLAG_MORE)) == E.BAD_LENGTH
+    last = ask(firmware, m.Next.TYPE, 5, m.Next(8).encode())
+    assert last.type == m.Map.TYPE and not last.more
+
+
 def test_next_with_a_payload_is_bad_length_and_keeps_the_pending_pieces(firmware):
     first = _read_whole_tile(firmware, 1)
     assert refused(ask(firmware, m.Next.TYPE, 2, b"\x00")) == E.BAD_LENGTH

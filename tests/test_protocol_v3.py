@@ -255,3 +255,20 @@ def test_next_names_its_piece_so_asking_again_runs_nothing():
     whole = b"".join([answers[-1].payload] + [piece(300 + n, n).payload for n in range(1, 5)])
     assert m.decode_message(m.LayerProducts.TYPE, whole).codes.shape == (300, 16)
     assert firmware.executed["LayerForward"] == 1
+
+
+def test_more_devices_than_one_message_holds_go_in_parts_of_whole_arrays(served, monkeypatch):
+    url, board = served
+    monkeypatch.setattr(m, "MAX_MESSAGE", 2048)  # 341 devices with u8 levels per request
+    twin = build_emulator(TILES)
+    generator = torch.Generator().manual_seed(12)
+    devices = torch.randperm(6 * 256, generator=generator)[:1000]
+    reference = torch.rand(1000, generator=generator) < 0.5
+    with open_board(url) as host:
+        levels = torch.randint(0, 16, (1000,), generator=generator)
+        through_board = program_devices(list(host), devices, host[0].spec.level_conductance(levels), reference)
+    in_process = program_devices(list(twin), devices, twin[0].spec.level_conductance(levels), reference)
+    assert _same(through_board, in_process) and board.firmware.executed["ProgramDevices"] >= 3
+    for served_tile, twin_tile in zip(board.firmware.board, twin):
+        assert torch.equal(served_tile.devices.g, twin_tile.devices.g)
+        assert torch.equal(served_tile.references.g, twin_tile.references.g)

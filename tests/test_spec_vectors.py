@@ -430,6 +430,12 @@ def test_every_message_type_of_the_catalogue_has_a_vector():
         assert set(DECODERS[doc["protocol_version"]]) <= types
 
 
+def test_the_worked_examples_of_version_3_read_as_the_spec_says():
+    assert codes_v3(4, 7, bytes.fromhex("80040500ff"), 0) == ([0, 0, 0, 0, 5, 0, -1], 5)
+    assert codes_v3(3, 3, bytes.fromhex("01802c01fe"), 0) == ([1, 300, -2], 5)
+    assert devices_report(bytes.fromhex("020000003d0001f4000302")) == {"entries": [(61, 1, 0), (244, 3, 1)]}
+
+
 def test_crc_check_value_and_cobs_corners_from_the_spec():
     assert crc16(b"123456789") == 0x29B1
     assert cobs_encode(b"") == b"\x01"

@@ -20,12 +20,16 @@ def count_tiles(model: nn.Module, rows: int, cols: int, pack: bool = False) -> i
 
 
 def convert_to_analog(
-    model: nn.Module, board: Board, config: MappingConfig | None = None, placement: Placement | None = None
+    model: nn.Module, board: Board, config: MappingConfig | None = None, placement: Placement | None = None,
+    layer_configs: dict[str, MappingConfig] | None = None,
 ) -> nn.Module:
     """A copy of ``model`` whose Linear and Conv2d layers run on ``board``'s tiles where
     ``placement`` puts them (default: one block per tile, in module order); layers the plan
-    keeps on the host stay as they are. The initial weights are programmed with write-verify."""
+    keeps on the host stay as they are. The initial weights are programmed with write-verify.
+    ``layer_configs`` overrides ``config`` for the layers it names (module names, as
+    ``named_modules`` gives them)."""
     config = config or MappingConfig()
+    layer_configs = layer_configs or {}
     spec = board[0].spec
     if placement is None:
         placement = plan_placement(model, spec.rows, spec.cols, pack=False, tiles=len(board), where=f"the board at {board.url}")
@@ -45,7 +49,7 @@ def convert_to_analog(
         spots = [(tile_indices.index(block.tile), block.row, block.col) for block in blocks]
         layer_type = AnalogLinear if isinstance(module, nn.Linear) else AnalogConv2d
         tiles = [board.tiles[index] for index in tile_indices]
-        _replace(analog, name, layer_type(module, tiles, config, spots, not placement.shares_tiles(name)))
+        _replace(analog, name, layer_type(module, tiles, layer_configs.get(name, config), spots, not placement.shares_tiles(name)))
     return analog
 
 

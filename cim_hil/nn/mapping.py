@@ -107,6 +107,9 @@ class TileMapping:
             self.granularity = (config.pulse_step_us or self.spacing) * self.scale
         self.device_index = self._device_index()
         self._directions = (self._direction(transpose=False), self._direction(transpose=True))
+        # Post-training calibration (cim_hil.deploy) may set these; None keeps the defaults.
+        self.input_range: float | None = None  # a fixed DAC full scale instead of each sample's peak
+        self.output_scale: torch.Tensor | None = None  # (out_features,) digital gain per column
 
     def _check_capabilities(self) -> None:
         spec, config = self.spec, self.config
@@ -255,17 +258,23 @@ class TileMapping:
 
     def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample of ``x`` scaled to the DAC's full range, as the host driver of the chip
-        does, as codes; and each sample's peak (N, 1), which scales its outputs back."""
+        does, as codes; and each sample's peak (N, 1), which scales its outputs back. With a
+        calibrated ``input_range``, every sample is scaled by it and the DAC saturates beyond."""
         peak = x.abs().reshape(len(x), -1).amax(dim=1, keepdim=True).clamp_min(1e-12)
         # A NaN or infinity anywhere in a sample shows in its peak (amax propagates NaN).
         require_finite(peak, "the layer's inputs contain")
+        if self.input_range is not None:
+            return input_codes(x.cpu() / self.input_range, self.spec.input_bits), torch.full_like(peak, self.input_range)
         scale = peak.view(-1, *([1] * (x.ndim - 1)))
         return input_codes(x.cpu() / scale.cpu(), self.spec.input_bits, clamp=False), peak
 
     def _scaled(self, currents: torch.Tensor, peak: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Output currents (uA) back in weight units, times each row's input peak, plus bias."""
+        """Output currents (uA) back in weight units, times each row's input peak (and each
+        column's ``output_scale``), plus bias."""
         back = self.scale / self.spec.v_read  # uA per unit of normalised input -> weight units
         peak = peak.to(currents.device)
+        if self.output_scale is not None:
+            peak = peak * self.output_scale.to(currents.device)  # (n, out_features)
         if bias is None:
             return currents * (peak * back)
         return torch.addcmul(bias.to(currents.device), currents, peak, value=back)
@@ -279,11 +288,17 @@ class TileMapping:
     ) -> torch.Tensor:
         """All tiles at once: each gets its block of the inputs, and the partial products of the
         blocks along the summed dimension are added on the host."""
-        # Scale each sample to the DAC's full range, as the host driver of the chip does.
+        # Scale each sample to the DAC's full range, as the host driver of the chip does, or to
+        # a calibrated fixed range (``input_range``), beyond which the DAC saturates.
         x = x.detach()
+        if transpose and self.output_scale is not None:  # d @ W = (d * scale) @ (W / scale)
+            x = x * self.output_scale.to(x.device)
         peak = (x.abs().amax(dim=1, keepdim=True) if peak is None else peak).clamp_min(1e-12)
         # A NaN or infinity anywhere in a sample shows in its peak (amax propagates NaN).
         require_finite(peak, "the layer's inputs contain")
+        fixed = self.input_range is not None and not transpose
+        if fixed:
+            peak = torch.full_like(peak, self.input_range)
         n, width = x.shape
         way = self._directions[transpose]
         driven = min(way.block, width)  # the widest input block
@@ -292,6 +307,8 @@ class TileMapping:
             torch.div(x, peak, out=normalised[:, :width])
         else:
             normalised = x / peak
+        if fixed:
+            normalised.clamp_(-1.0, 1.0)
         inputs = normalised.cpu().view(n, way.blocks, driven).transpose(0, 1)  # (blocks, n, driven)
         if way.kept > 1:  # tile (r, c) takes block c (transposed) or r
             grid = inputs.unsqueeze(0) if transpose else inputs.unsqueeze(1)
@@ -303,6 +320,8 @@ class TileMapping:
         out = (grid.sum(2) if way.blocks > 1 else grid[:, :, 0]).reshape(n, -1)[:, : way.features]
         back = self.scale / self.spec.v_read  # uA per unit of normalised input -> weight units
         peak = peak.to(out.device)
+        if not transpose and self.output_scale is not None:
+            peak = peak * self.output_scale.to(out.device)  # (n, out_features)
         out = out * (peak * back) if bias is None else torch.addcmul(bias.to(out.device), out, peak, value=back)
         return out.to(x.device, x.dtype)
 

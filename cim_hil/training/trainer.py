@@ -22,7 +22,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from cim_hil.board import Board, open_board
-from cim_hil.config import EmulatorConfig, SoCConfig, Strict, validate
+from cim_hil.config import EmulatorConfig, LinkConfig, SoCConfig, Strict, validate
 from cim_hil.errors import BoardError, CimHilError, ConfigError, UnsafeValueError
 from cim_hil.nn import MappingConfig, analog_layers, convert_to_analog
 from cim_hil.nn.placement import Placement, plan_for_board, plan_placement
@@ -56,6 +56,9 @@ class TrainConfig(Strict):
         [], description="layers kept digital on the host (module names, as `cim-hil plan` prints them); 'auto': the "
         "largest until the rest fits the board's tiles, packed"
     )
+    link: LinkConfig | None = Field(
+        None, description="for boards on a serial line: line rate and patience (default: LinkConfig's defaults)"
+    )
     rank_boards: list[str] = Field(
         [], description="data-parallel: one board URL per rank; default: `board` with {rank} filled in, and for "
         "the emulator the seed plus the rank (another chip)"
@@ -75,16 +78,22 @@ class TrainingDiverged(CimHilError):
 
 
 def open_board_for(model: torch.nn.Module, url: str, pack: bool | None = None,
-                   host_layers: list[str] | str = ()) -> Board:
+                   host_layers: list[str] | str = (), link: LinkConfig | None = None) -> Board:
     """Open ``url``; a bare emulator URL gets exactly the tiles the model needs (packed if
-    ``pack``; with ``host_layers`` other than ``"auto"`` kept on the host)."""
+    ``pack``; with ``host_layers`` other than ``"auto"`` kept on the host). ``link`` configures
+    a board on a serial line."""
     bare_emulator = url == "emulator:" or url.startswith("emulator:?")
     if bare_emulator and "tiles=" not in url:
         default = EmulatorConfig()
         host = () if host_layers == "auto" else tuple(host_layers)
         needed = plan_placement(model, default.soc.rows, default.soc.cols, bool(pack), host).tiles_used
         return open_board(url, EmulatorConfig(soc=SoCConfig(tiles=needed)))
-    return open_board(url)
+    return open_board(url, link)
+
+
+def _since(before: dict[str, float], now: dict[str, float]) -> dict[str, float]:
+    """What a counter dict grew by between two readings."""
+    return {name: now[name] - before[name] for name in before}
 
 
 class Trainer:
@@ -117,7 +126,8 @@ class Trainer:
             optimizer_type = torch.optim.Adam if config.rule == "adam" else torch.optim.SGD
             self.optimizer = optimizer_type(model.parameters(), lr=config.lr)
         else:
-            self.board = open_board_for(model, self.world.board_url(config), config.pack, config.host_layers)
+            self.board = open_board_for(model, self.world.board_url(config), config.pack, config.host_layers,
+                                        config.link)
             try:
                 self.placement = plan_for_board(model, self.board, config.pack, config.host_layers)
                 self.model = convert_to_analog(model, self.board, config.mapping, self.placement)
@@ -153,11 +163,11 @@ class Trainer:
         order = self.world.shard(torch.randperm(len(train), generator=self.shuffle))  # every rank draws the same
         self.model.train()
         before = self.board.counters if self.board else None
+        traffic = self.board.link_traffic() if self.board else {}
         programmed, loss_sum, correct = 0, 0.0, 0
         start = time.perf_counter()
-        batches = range(0, len(order), size)
-        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", disable=not self.progress, leave=False)
-        for step, first in enumerate(bar, 1):
+        bar = self._bar(len(order), f"epoch {self.epoch + 1}/{self.config.epochs}")
+        for step, first in enumerate(range(0, len(order), size), 1):
             chosen = order[first : first + size]
             images, labels = train.images[chosen], train.labels[chosen]
             self.optimizer.zero_grad()
@@ -176,7 +186,9 @@ class Trainer:
             correct += int((logits.argmax(1) == labels).sum())
             if isinstance(self.optimizer, MixedPrecisionOptimizer):
                 programmed += self.optimizer.last_step["devices_programmed"]
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update(len(chosen))
+            bar.set_postfix(loss=f"{loss.item():.3f}", **self._link_rate(traffic, start))
+        bar.close()
         seconds = time.perf_counter() - start
         seen, loss_sum, correct = self.world.total([len(order), loss_sum, correct])  # over every rank's shard
         row = {
@@ -197,6 +209,7 @@ class Trainer:
                 pulses=int(pulses),
                 chip_seconds=chip_seconds,
                 chip_energy_uj=energy_nj / 1000,
+                **self._traffic_since(traffic),
                 **self.optimizer.write_statistics(),
             )
         return row
@@ -215,16 +228,47 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Test accuracy; on a board also the chip's and the link's share of the pass (``test_``
+        beside the training pass's names)."""
         self.model.eval()
         test = self.data.test
+        before = self.board.counters if self.board else None
+        traffic = self.board.link_traffic() if self.board else {}
+        start = time.perf_counter()
         mine = torch.arange(len(test))[self.world.rank :: self.world.size]  # each rank tests its share on its chip
         correct = 0
+        bar = self._bar(len(mine), "test")
         for first in range(0, len(mine), EVAL_BATCH):
             chosen = mine[first : first + EVAL_BATCH]
             logits = self.model(test.images[chosen])
             correct += int((logits.argmax(1) == test.labels[chosen]).sum())
+            bar.update(len(chosen))
+            bar.set_postfix(self._link_rate(traffic, start))
+        bar.close()
         (correct,) = self.world.total([correct])
-        return {"test_acc": correct / len(test)}
+        row = {"test_acc": correct / len(test)}
+        if self.board is not None:
+            (row["test_chip_seconds"],) = self.world.total([self.board.counters.seconds - before.seconds])
+            row.update({f"test_{name}": value for name, value in self._traffic_since(traffic).items()})
+        return row
+
+    def _traffic_since(self, traffic: dict[str, float]) -> dict[str, float]:
+        """The link traffic since ``traffic`` was read, summed over the ranks' boards."""
+        moved = _since(traffic, self.board.link_traffic())
+        return dict(zip(moved, self.world.total(list(moved.values()))))
+
+    def _bar(self, digits: int, what: str) -> tqdm:
+        """Progress in digits, its rate and ETA averaged over the whole pass (smoothing 0): on a
+        slow link every step takes long, and a recent-steps average would swing with each one."""
+        return tqdm(total=digits, unit="digit", desc=what, smoothing=0, disable=not self.progress, leave=False)
+
+    def _link_rate(self, traffic: dict[str, float], start: float) -> dict[str, str]:
+        """This rank's link throughput since ``start`` (bytes both ways per second), for a bar's postfix."""
+        if not traffic:
+            return {}
+        moved = _since(traffic, self.board.link_traffic())
+        rate = (moved["link_bytes_out"] + moved["link_bytes_in"]) / max(time.perf_counter() - start, 1e-9)
+        return {"link": tqdm.format_sizeof(rate, "B/s")}
 
     def _title(self) -> str:
         kind = "float32 baseline" if self.config.float_baseline else f"mixed precision on {self.config.board}"
