@@ -10,23 +10,38 @@ only the one the URL asks for, so ``open_board("emulator:")`` loads neither pyse
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
 from cim_hil.errors import BoardError
+from cim_hil.group import TileGroup
 from cim_hil.tile import Counters, Tile
 
 
 class Board:
-    """A set of tiles behind one link. Use it as a context manager so the link always closes."""
+    """A set of tiles behind one link. Use it as a context manager so the link always closes.
 
-    def __init__(self, tiles: list[Tile], url: str, info: dict[str, Any] | None = None) -> None:
+    ``group_type`` is the class of the groups :meth:`group` hands out: the plain loop, or a
+    backend's own that runs a group's tiles at once.
+    """
+
+    def __init__(
+        self, tiles: list[Tile], url: str, info: dict[str, Any] | None = None, group_type: type[TileGroup] = TileGroup,
+    ) -> None:
         if not tiles:
             raise BoardError(f"board at {url} reports no tiles")
         self.tiles = tiles
         self.url = url
         self._info = dict(info or {})
+        self._group_type = group_type
+
+    def group(self, tiles: Sequence[Tile]) -> TileGroup:
+        """Some of this board's tiles to run as one (see :class:`~cim_hil.group.TileGroup`)."""
+        mine = {id(tile) for tile in self.tiles}
+        if not all(id(tile) in mine for tile in tiles):
+            raise BoardError(f"a group takes tiles of the board at {self.url} only")
+        return self._group_type(tiles, self)
 
     def __len__(self) -> int:
         return len(self.tiles)

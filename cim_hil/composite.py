@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 from cim_hil.board import Board, open_board
 from cim_hil.errors import BoardError, CimHilError
-from cim_hil.tile import Counters, TileSpec
+from cim_hil.group import TileGroup
+from cim_hil.tile import Counters, Tile, TileSpec
 
 SEPARATOR = "|"
 T = TypeVar("T")
@@ -52,6 +53,14 @@ class CompositeBoard(Board):
         self.member_of = {id(tile): index for index, member in enumerate(self.members) for tile in member.tiles}
         self._workers = ThreadPoolExecutor(max_workers=len(self.members), thread_name_prefix="composite-member")
 
+    def group(self, tiles: Sequence[Tile]) -> TileGroup:
+        """Tiles of one member run as that member's group (the emulator's at once); tiles of
+        several members one tile after the other."""
+        members = {self.member_of.get(id(tile)) for tile in tiles}
+        if len(members) == 1 and None not in members:
+            return self.members[members.pop()].group(tiles)
+        return super().group(tiles)
+
     def each(self, calls: Sequence[tuple[int, Callable[[], T]]]) -> list[T]:
         """Run ``(member index, call)`` pairs, members at the same time; a member's error names it."""
         if len(calls) == 1:
@@ -77,6 +86,15 @@ class CompositeBoard(Board):
         total = Counters(clock_hz=each[0].clock_hz)
         for counters in each:
             total = total + counters
+        return total
+
+    def link_traffic(self) -> dict[str, float]:
+        """The members' links summed (members wait at the same time, so ``link_seconds`` can
+        exceed the wall time); empty when no member has a link."""
+        total: dict[str, float] = {}
+        for member in self.members:
+            for name, value in member.link_traffic().items():
+                total[name] = total.get(name, 0) + value
         return total
 
     def info(self) -> dict[str, Any]:

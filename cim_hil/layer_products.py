@@ -7,21 +7,25 @@ convolution (:class:`Convolution`) is one such product over every patch of its i
 :func:`layer_products` takes the inputs as DAC codes, and a convolution's as whole images:
 a backend that can cut the patches itself (the firmware protocol's LAYER_FORWARD) is sent each
 image once instead of every patch, and one set of summed outputs per layer comes back. The
-plain version here, which any backend gets, cuts the patches on the host with :func:`unroll`
-and runs the tiles through ``products_together``; the emulator and the reference firmware use
-the same :func:`unroll`, so host-cut and board-cut patches give the same numbers.
+plain version here, which any group of tiles gets, cuts the patches on the host with
+:func:`unroll` and runs the group's products; the emulator and the reference firmware use the
+same :func:`unroll`, so host-cut and board-cut patches give the same numbers.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from cim_hil.errors import ShapeError, UnsafeValueError
-from cim_hil.tile import Capability, Tile, _together, products_together
+from cim_hil.tile import Capability
+
+if TYPE_CHECKING:
+    from cim_hil.group import TileGroup
 
 # A layer call runs in parts of at most this many codes each way, so that on a board each
 # part's request and reply fit one message (firmware_protocol/SPEC.md §2: 1 MiB, and three
@@ -142,7 +146,7 @@ def sum_row_blocks(outputs: torch.Tensor, cut: LayerCut) -> torch.Tensor:
 
 
 def layer_products(
-    tiles: list[Tile], cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None = None
+    group: TileGroup, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None = None
 ) -> torch.Tensor:
     """Output currents (uA) of a layer's forward products, (n, out_features), its row blocks
     summed: one row per sample of ``codes`` (n, in_features), or with ``convolution`` one per
@@ -152,12 +156,12 @@ def layer_products(
     ``codes`` are the DAC's signed input codes (whole numbers within +-(2^(input_bits-1) - 1)).
     A batch larger than CODES_PER_CALL allows runs as several calls of whole samples.
     """
-    kind = _together(tiles, Capability.ANALOG_PRODUCTS)
-    spec = tiles[0].spec
-    if len(tiles) != cut.tiles or cut.row_blocks != -(-cut.in_features // spec.rows) or (
+    group._require(Capability.ANALOG_PRODUCTS)
+    spec = group.spec
+    if len(group) != cut.tiles or cut.row_blocks != -(-cut.in_features // spec.rows) or (
             cut.col_blocks != -(-cut.out_features // spec.cols)):
         raise ShapeError(f"a {cut.out_features}x{cut.in_features} layer on {spec.rows}x{spec.cols} tiles is not cut "
-                         f"into {cut.row_blocks}x{cut.col_blocks} blocks on {len(tiles)} tiles")
+                         f"into {cut.row_blocks}x{cut.col_blocks} blocks on {len(group)} tiles")
     codes = torch.as_tensor(codes)
     if convolution is None:
         if codes.ndim != 2 or codes.shape[1] != cut.in_features:
@@ -173,23 +177,22 @@ def layer_products(
         lowest, highest = torch.aminmax(codes)
         if not (bool(lowest >= -top) and bool(highest <= top)):  # false for NaN too
             raise UnsafeValueError(f"input codes must be whole numbers within +-{top}; nothing was run")
-    # A backend that runs a whole layer itself defines ``_layer_products``, as it does
-    # ``_products_together``; tiles of mixed kinds (``kind`` is Tile) get the plain version.
-    run = getattr(kind, "_layer_products", None) or products_of_blocks
+    # A backend that runs a whole layer itself has a group class whose ``_layer_products`` does.
+    run = group._layer_products
     codes = codes.to(torch.float32)
     per_sample = max(codes[0].numel() if len(codes) else 1,
                      cut.out_features * (math.prod(convolution.out_size) if convolution is not None else 1))
     part = max(1, CODES_PER_CALL // per_sample)
     if len(codes) <= part:
-        return run(tiles, cut, codes, convolution)
-    return torch.cat([run(tiles, cut, codes[start : start + part], convolution) for start in range(0, len(codes), part)])
+        return run(cut, codes, convolution)
+    return torch.cat([run(cut, codes[start : start + part], convolution) for start in range(0, len(codes), part)])
 
 
-def products_of_blocks(tiles: list[Tile], cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None) -> torch.Tensor:
-    """The plain version: patches cut on the host, each tile's products through
-    ``products_together``, the row blocks' currents summed on the host."""
-    spec = tiles[0].spec
+def products_of_blocks(group: TileGroup, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None) -> torch.Tensor:
+    """The plain version: patches cut on the host, the group's products (inputs in range by
+    construction), the row blocks' currents summed on the host."""
+    spec = group.spec
     inputs = unroll(codes, convolution, by_column=cut.row_blocks == 1) if convolution is not None else codes
     fractions = block_inputs(inputs, cut, spec.rows) / (2 ** (spec.input_bits - 1) - 1)
-    currents = products_together(tiles, fractions, cut.outputs(spec.cols), normalised=True)
+    currents = group._products(fractions, cut.outputs(spec.cols), False, in_range=True)
     return sum_row_blocks(currents, cut)

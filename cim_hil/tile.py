@@ -129,7 +129,8 @@ def averaged_read(read: Callable[[], torch.Tensor], count: int) -> torch.Tensor:
 
 
 class Tile(ABC):
-    """One crossbar with its periphery. Subclasses implement the ``_``-methods."""
+    """One crossbar with its periphery. Subclasses implement the ``_``-methods. Several tiles of
+    a board work as one through the group the board hands out (``board.group(tiles)``)."""
 
     spec: TileSpec
     counters: Counters
@@ -286,7 +287,8 @@ class Tile(ABC):
         return (r0, r1, c0, c1)
 
     def _program_args(self, targets_us, mask, tolerance_us, max_trials, tiles: int | None = None):
-        """Checked targets, mask, tolerance and trial budget; ``tiles`` stacks that many tiles."""
+        """Checked targets, mask, tolerance and trial budget; ``tiles`` stacks that many tiles
+        (a group's)."""
         shape = (self.spec.rows, self.spec.cols) if tiles is None else (tiles, self.spec.rows, self.spec.cols)
         targets = self._matrix(targets_us, "targets", shape).to(torch.float32)
         mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else self._matrix(mask, "mask", shape).bool()
@@ -325,68 +327,6 @@ class Tile(ABC):
         if max_trials is None:
             return tolerance, self.spec.default_max_trials
         return tolerance, checked_integer(max_trials, "max_trials", 1, MAX_TRIALS, UnsafeValueError)
-
-    # ---- several tiles at once (one layer spread over a board's tiles) --------------------
-    @classmethod
-    def _products_together(
-        cls, tiles: list[Tile], x: torch.Tensor, outputs: list[int], transpose: bool, normalised: bool = False
-    ) -> torch.Tensor:
-        """One tile after the other; a backend that can run its tiles at once overrides this
-        (and may skip clamping ``normalised`` inputs into the DAC's range)."""
-        result = torch.zeros(len(tiles), x.shape[1], max(outputs))
-        for index, (tile, inputs, width) in enumerate(zip(tiles, x, outputs)):
-            product = tile._backward if transpose else tile._forward
-            result[index, :, :width] = product(inputs, width).cpu()
-        return result
-
-    @classmethod
-    def _program_devices(
-        cls, tiles: list[Tile], devices: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor,
-        tolerance_us: float, max_trials: int,
-    ) -> ProgramResult:
-        """One tile after the other, its weight devices then its reference devices, each as one
-        ``_program_verify``; a backend that can program its tiles at once overrides this."""
-        rows, cols = tiles[0].spec.rows, tiles[0].spec.cols
-        reached = torch.full(devices.shape, float("nan"))
-        trials = torch.zeros(devices.shape, dtype=torch.int64)
-        failed = torch.zeros(devices.shape, dtype=torch.bool)
-        tile_of, place = devices.div(rows * cols, rounding_mode="floor"), devices % (rows * cols)
-        for index, tile in enumerate(tiles):
-            for is_reference in (False, True):
-                chosen = ((tile_of == index) & (reference == is_reference)).nonzero().squeeze(1)
-                if not chosen.numel():
-                    continue
-                mask = torch.zeros(rows * cols, dtype=torch.bool)
-                mask[place[chosen]] = True
-                tile_targets = torch.full((rows * cols,), tile.spec.g_min_us)
-                tile_targets[place[chosen]] = targets[chosen]
-                result = tile._program_verify(
-                    tile_targets.view(rows, cols), mask.view(rows, cols), tolerance_us, max_trials, is_reference
-                )
-                for into, values in ((reached, result.reached_us), (trials, result.trials), (failed, result.failed)):
-                    into[chosen] = values.cpu().flatten()[place[chosen]]
-        return ProgramResult(reached, trials, failed, tolerance_us)
-
-    @classmethod
-    def _program_masked(
-        cls, tiles: list[Tile], targets: torch.Tensor, mask: torch.Tensor, reference: bool, tolerance_us: float,
-        max_trials: int,
-    ) -> ProgramResult:
-        """Write-verify the devices ``mask`` selects through ``_program_devices``. ``targets``
-        and ``mask`` are (tiles, rows, cols), or (rows, cols) for one tile, and so is the result:
-        NaN reads, no trials and no failures where nothing was asked."""
-        chosen = mask.flatten().nonzero().squeeze(1)
-        result = cls._program_devices(
-            tiles, chosen, targets.flatten()[chosen], torch.full(chosen.shape, reference), tolerance_us, max_trials
-        )
-        device = result.reached_us.device
-        reached = torch.full(targets.shape, float("nan"), device=device)
-        trials = torch.zeros(targets.shape, dtype=torch.int64, device=device)
-        failed = torch.zeros(targets.shape, dtype=torch.bool, device=device)
-        reached.view(-1)[chosen], trials.view(-1)[chosen], failed.view(-1)[chosen] = (
-            result.reached_us, result.trials, result.failed
-        )
-        return ProgramResult(reached, trials, failed, tolerance_us)
 
 
 def pad_inputs(x: torch.Tensor, start: int) -> torch.Tensor:
@@ -430,155 +370,3 @@ def _real_tensor(values, what: str) -> torch.Tensor:
     if tensor.is_complex():
         raise ShapeError(f"{what} must be real-valued, got {tensor.dtype}")
     return tensor
-
-
-def _together(tiles: list[Tile], capability: Capability) -> type[Tile]:
-    """The class whose ``_..._together`` runs ``tiles``: theirs if they share one, else Tile's loop."""
-    if not tiles:
-        raise ShapeError("no tiles given")
-    # Kept on the first tile (so it goes when the tiles go): a tile's spec and class never
-    # change, and a layer asks about the same tiles on every product (comparing 18 specs field
-    # by field took about 50 us).
-    kept = tiles[0].__dict__.setdefault("_kept_kinds", {})
-    key = (tuple(tiles), capability)
-    if key not in kept:
-        kept[key] = _kind_of(tiles, capability)
-    return kept[key]
-
-
-def _kind_of(tiles: list[Tile], capability: Capability) -> type[Tile]:
-    spec = tiles[0].spec
-    if any(tile.spec is not spec and tile.spec != spec for tile in tiles):
-        raise ShapeError("tiles run together must share one spec (tiles of one board)")
-    if not (capability == Capability.ANALOG_PRODUCTS and spec.supports(Capability.COMPUTED_PRODUCTS)):
-        tiles[0]._require(capability)
-    kind = type(tiles[0])
-    return kind if all(type(tile) is kind for tile in tiles) else Tile
-
-
-def products_together(
-    tiles: list[Tile], x: torch.Tensor, outputs: list[int], transpose: bool = False, normalised: bool = False,
-    windows: list[Window] | None = None,
-) -> torch.Tensor:
-    """Products of several tiles at once: tile i takes inputs ``x[i]`` (x is (tiles, batch, k))
-    and converts its first ``outputs[i]`` outputs, as ``forward`` (``backward`` when
-    ``transpose``) would. Returns (tiles, batch, max(outputs)), zero beyond each tile's outputs.
-
-    ``windows`` (one (row_start, row_stop, col_start, col_stop) per entry) runs entry i on a
-    window of its tile, as ``forward(x, outputs, origin)`` would: its first inputs drive the
-    window's lines (rows, or columns when ``transpose``), those beyond the window are ignored,
-    every other line is held at 0 V, and its outputs are converted from the window's first
-    output line. Blocks of several layers packed on one tile run this way; the same tile may
-    appear in several entries.
-
-    The numbers are those of calling each tile in turn; a backend that can run its tiles
-    together (the emulator, as one batched tensor operation) does, which is what makes a layer
-    spread over many tiles affordable to emulate.
-
-    ``normalised``: the caller scaled the inputs into [-1, 1] itself and refused NaN and
-    infinities (a layer does both per sample, on a far smaller tensor than the inputs), so they
-    are neither checked nor clamped again.
-    """
-    kind = _together(tiles, Capability.TRANSPOSE if transpose else Capability.ANALOG_PRODUCTS)
-    spec = tiles[0].spec
-    width = spec.cols if transpose else spec.rows
-    x = torch.as_tensor(x)
-    if x.ndim != 3 or x.shape[0] != len(tiles) or not 1 <= x.shape[2] <= width:
-        raise ShapeError(f"inputs must have shape ({len(tiles)}, batch, k) with 1 <= k <= {width}, got {tuple(x.shape)}")
-    if len(outputs) != len(tiles):
-        raise ShapeError(f"outputs must give one width per tile ({len(tiles)}), got {len(outputs)}")
-    outputs = [Tile._outputs(o, spec.rows if transpose else spec.cols) for o in outputs]
-    if not normalised:
-        require_finite(x, "inputs contain")
-    if windows is not None:
-        return _on_windows(kind, tiles, x, outputs, transpose, normalised, windows)
-    return kind._products_together(tiles, x, outputs, transpose, normalised)
-
-
-def _on_windows(
-    kind: type[Tile], tiles: list[Tile], x: torch.Tensor, outputs: list[int], transpose: bool, normalised: bool,
-    windows: list[Window],
-) -> torch.Tensor:
-    """``products_together`` on windows: each entry's inputs padded with zeros up to its window,
-    its outputs converted up to the window's end and the ones before it dropped (``pad_inputs``)."""
-    if len(windows) != len(tiles):
-        raise ShapeError(f"windows must give one window per tile ({len(tiles)}), got {len(windows)}")
-    checked = [tile._window(window) for tile, window in zip(tiles, windows)]
-    k = x.shape[2]
-    starts, firsts, driven = [], [], []
-    for (r0, r1, c0, c1), width in zip(checked, outputs):
-        (start, stop), (first, last) = ((c0, c1), (r0, r1)) if transpose else ((r0, r1), (c0, c1))
-        if width > last - first:
-            raise ShapeError(f"{width} outputs do not fit the window {(r0, r1, c0, c1)}")
-        starts.append(start)
-        firsts.append(first)
-        driven.append(min(k, stop - start))
-    padded = x.new_zeros(len(tiles), x.shape[1], max(s + d for s, d in zip(starts, driven)))
-    for entry, inputs, start, count in zip(padded, x, starts, driven):
-        entry[:, start : start + count] = inputs[:, :count]
-    wide = [first + width for first, width in zip(firsts, outputs)]
-    result = kind._products_together(tiles, padded, wide, transpose, normalised)
-    out = result.new_zeros(len(tiles), x.shape[1], max(outputs))
-    for index, (first, width) in enumerate(zip(firsts, outputs)):
-        out[index, :, :width] = result[index, :, first : first + width]
-    return out
-
-
-def program_devices(
-    tiles: list[Tile],
-    devices: torch.Tensor,
-    targets_us: torch.Tensor,
-    reference: bool | torch.Tensor = False,
-    tolerance_us: float | None = None,
-    max_trials: int | None = None,
-) -> ProgramResult:
-    """Write-verify chosen devices of several tiles at once, in one call whatever their tiles.
-
-    ``devices`` (k,) are flat indices into the stack (tiles, rows, cols), each device at most
-    once; ``targets_us`` (k,) their targets; ``reference`` (a bool, or one per device) whether
-    a device is the reference device at that place rather than the weight device. Every target
-    is checked before any device is programmed. The result holds one entry per device, in the
-    order given. A training step programs a few hundred devices spread over every tile of a
-    model: naming them costs a fraction of sending whole tiles with masks.
-    """
-    devices = torch.as_tensor(devices)
-    targets = torch.as_tensor(targets_us).to(torch.float32)
-    if devices.ndim != 1 or devices.is_floating_point() or devices.dtype == torch.bool:
-        raise ShapeError(f"devices must be a 1-D integer tensor, got {devices.dtype} of shape {tuple(devices.shape)}")
-    if targets.shape != devices.shape:
-        raise ShapeError(f"targets must have one entry per device ({len(devices)}), got {tuple(targets.shape)}")
-    reference = torch.as_tensor(reference, dtype=torch.bool).expand(devices.shape)
-    references = int(reference.sum())
-    only_references = 0 < references == len(devices)
-    kind = _together(tiles, Capability.REFERENCE if only_references else Capability.WRITE_VERIFY)
-    if references:
-        tiles[0]._require(Capability.REFERENCE)
-    spec = tiles[0].spec
-    devices = devices.to(torch.int64)
-    if devices.numel():
-        count = len(tiles) * spec.rows * spec.cols
-        lowest, highest = torch.aminmax(devices)
-        if int(lowest) < 0 or int(highest) >= count:
-            raise ShapeError(f"device indices must lie in [0, {count}) for {len(tiles)} tiles")
-        key = devices + reference * count
-        if key.unique().numel() != key.numel():
-            raise ShapeError("a device is named more than once; nothing was programmed")
-    tiles[0]._check_targets(targets)
-    tolerance, trials = tiles[0]._verify_limits(tolerance_us, max_trials)
-    return kind._program_devices(tiles, devices, targets, reference, tolerance, trials)
-
-
-def program_together(
-    tiles: list[Tile],
-    targets_us: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    reference: bool = False,
-    tolerance_us: float | None = None,
-    max_trials: int | None = None,
-) -> ProgramResult:
-    """Write-verify several tiles at once: tile i's devices (its reference devices if
-    ``reference``) selected by ``mask[i]`` go to ``targets_us[i]``; both are (tiles, rows, cols).
-    Every target is checked before any tile is programmed. The result stacks the tiles'."""
-    kind = _together(tiles, Capability.REFERENCE if reference else Capability.WRITE_VERIFY)
-    targets, mask, tolerance, trials = tiles[0]._program_args(targets_us, mask, tolerance_us, max_trials, len(tiles))
-    return kind._program_masked(tiles, targets, mask, reference, tolerance, trials)

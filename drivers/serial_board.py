@@ -26,6 +26,7 @@ from cim_hil.board import Board
 from cim_hil.codes import input_codes
 from cim_hil.config import LinkConfig
 from cim_hil.errors import BoardError, ConfigError, UnsafeValueError
+from cim_hil.group import TileGroup
 from cim_hil.layer_products import Convolution, LayerCut, products_of_blocks
 from cim_hil.tile import Counters, ProgramResult, Tile, Window
 from drivers.board_info import spec_from_info
@@ -119,16 +120,19 @@ class SerialTile(Tile):
         )
 
 
-    # ---- a whole layer, and named devices of many tiles, in one request each (SPEC.md §8) ----
-    @classmethod
-    def _layer_products(
-        cls, tiles: list[SerialTile], cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None
-    ) -> torch.Tensor:
+class SerialGroup(TileGroup):
+    """Tiles of one serial board run as one: a whole layer, and named devices of many tiles,
+    in one request each (SPEC.md §8)."""
+
+    tiles: tuple[SerialTile, ...]
+
+    def _layer_products(self, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None) -> torch.Tensor:
         """One LAYER_FORWARD: each sample (or image) sent once, as compact codes; the board cuts
         the patches and sums the row blocks' codes, so one set of outputs comes back."""
+        tiles = self.tiles
         first = tiles[0]
         if any(tile.link is not first.link for tile in tiles):
-            return products_of_blocks(tiles, cut, codes, convolution)
+            return products_of_blocks(self, cut, codes, convolution)
         spec, info = first.spec, first.board_info
         in_format = CodeFormat.I8_ZERO_RUNS if spec.input_bits <= 8 else CodeFormat.I16
         out_format = CodeFormat.I8_ESCAPED  # sums of the row blocks may pass one byte; most do not
@@ -149,17 +153,17 @@ class SerialTile(Tile):
             parts.append(torch.from_numpy(reply.codes.astype(np.float32)) * info.forward_lsb_ua)
         return torch.cat(parts)
 
-    @classmethod
-    def _program_devices(
-        cls, tiles: list[SerialTile], devices: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor,
-        tolerance_us: float, max_trials: int,
+    def _program_places(
+        self, devices: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor, tolerance_us: float,
+        max_trials: int,
     ) -> ProgramResult:
         """One PROGRAM_DEVICES for the named devices of every tile (several, each of whole
         arrays, past what one message holds): targets as level indices where each is exactly
         a level's conductance, a compact report back."""
+        tiles = self.tiles
         first = tiles[0]
         if max_trials > MAX_REPORTED_TRIALS or any(tile.link is not first.link for tile in tiles):
-            return super()._program_devices(tiles, devices, targets, reference, tolerance_us, max_trials)
+            return super()._program_places(devices, targets, reference, tolerance_us, max_trials)
         spec = first.spec
         per_tile = spec.rows * spec.cols
         board_tiles = torch.tensor([tile.index for tile in tiles])[devices.div(per_tile, rounding_mode="floor")]
@@ -213,7 +217,8 @@ class SerialBoard(Board):
     def __init__(self, tiles: list[SerialTile], url: str, link: Link, info: m.Info) -> None:
         firmware = f"{info.firmware_major}.{info.firmware_minor}.{info.firmware_patch}"
         super().__init__(tiles, url, {"backend": "serial", "firmware": firmware, "protocol_version": info.protocol_version,
-                                      "clock_hz": info.clock_hz, "baudrate": link.config.baudrate})
+                                      "clock_hz": info.clock_hz, "baudrate": link.config.baudrate},
+                         group_type=SerialGroup)
         self.link = link
 
     @property

@@ -68,6 +68,8 @@ def test_a_virtual_board_plus_emulated_tiles_gives_the_numbers_of_one_emulator(s
             assert torch.equal(tile_alone.read_conductances(), tile.read_conductances())
         each = composite.member_counters()
         assert each[0].link_bytes_out > 0 and each[1].link_bytes_out == 0  # only the serial member has a link
+        assert composite.link_traffic() == composite.members[0].link_traffic()
+        assert composite.members[1].link_traffic() == {}
         total = composite.counters
         assert total.products == each[0].products + each[1].products == alone.counters.products
         assert total.cycles == alone.counters.cycles

@@ -1,8 +1,6 @@
 """The emulator against the physics and periphery of ../shared/DOMAIN.md."""
 
-import gc
 import json
-import weakref
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from cim_hil import open_board
 from cim_hil.config import load_config
 from cim_hil.emulator import build_emulator
 from cim_hil.errors import CapabilityError, ConfigError, ShapeError, UnsafeValueError
-from cim_hil.tile import Capability, products_together, program_devices, program_together
+from cim_hil.tile import Capability
 from tests.conftest import IDEAL, make_config
 
 
@@ -138,75 +136,6 @@ def test_write_verify_only_touches_masked_devices(ideal_config):
     assert result.n_attempted == 1 and torch.isnan(result.reached_us[0, 0])
 
 
-def test_named_devices_on_several_tiles_program_as_the_same_writes_by_mask():
-    config = make_config(soc=dict(tiles=3, rows=16, cols=16))
-    by_name, by_mask = list(build_emulator(config)), list(build_emulator(config))
-    generator = torch.Generator().manual_seed(5)
-    targets = 8 + 20 * torch.rand(3, 16, 16, generator=generator)
-    mask = torch.rand(3, 16, 16, generator=generator) < 0.3
-    chosen = mask.flatten().nonzero().squeeze(1)
-    # Given out of order, weight and reference devices mixed: the tiles still draw as a loop would.
-    shuffled = chosen[torch.randperm(len(chosen), generator=generator)]
-    both = torch.cat([shuffled, shuffled])
-    reference = torch.arange(len(both)) >= len(shuffled)
-    result = program_devices(by_name, both, targets.flatten()[both], reference)
-    weights = program_together(by_mask, targets, mask)
-    references = program_together(by_mask, targets, mask, reference=True)
-    for named, masked in zip(by_name, by_mask):
-        assert torch.equal(named.devices.g, masked.devices.g) and torch.equal(named.references.g, masked.references.g)
-        assert named.counters == masked.counters
-    # One entry per device named, in the order named.
-    assert torch.equal(result.reached_us, torch.cat([weights.reached_us.flatten()[shuffled],
-                                                     references.reached_us.flatten()[shuffled]]))
-    assert torch.equal(result.trials, torch.cat([weights.trials.flatten()[shuffled], references.trials.flatten()[shuffled]]))
-
-
-def test_tiles_out_of_board_order_give_the_numbers_each_tile_gives_alone():
-    # A board keeps its tiles' conductances in one tensor; a group that is not a run of
-    # consecutive tiles of it is written and multiplied by another path, with the same numbers.
-    config = make_config(soc=dict(tiles=3, rows=16, cols=16))
-    alone, grouped = list(build_emulator(config)), list(build_emulator(config))
-    picked = [grouped[2], grouped[0]]
-    generator = torch.Generator().manual_seed(7)
-    targets = 8 + 20 * torch.rand(2, 16, 16, generator=generator)
-    mask = torch.rand(2, 16, 16, generator=generator) < 0.3
-    x = torch.rand(2, 5, 16, generator=generator) * 2 - 1
-    for reference in (False, True):
-        program_together(picked, targets, mask, reference=reference)
-        for tile, tile_targets, tile_mask in zip([alone[2], alone[0]], targets, mask):
-            program_together([tile], tile_targets.unsqueeze(0), tile_mask.unsqueeze(0), reference=reference)
-    currents = products_together(picked, x, [16, 9])
-    assert torch.equal(currents[0], alone[2].forward(x[0])) and torch.equal(currents[1, :, :9], alone[0].forward(x[1], 9))
-    for one, other in zip(alone, grouped):
-        assert torch.equal(one.devices.g, other.devices.g) and torch.equal(one.references.g, other.references.g)
-        assert one.counters == other.counters
-
-
-def test_bad_device_writes_are_refused_before_any_device_moves():
-    tiles = list(build_emulator(make_config(soc=dict(tiles=2, rows=8, cols=8))))
-    before = [tile.devices.g.clone() for tile in tiles]
-    with pytest.raises(ShapeError, match="more than once"):
-        program_devices(tiles, torch.tensor([3, 3]), torch.tensor([20.0, 21.0]))
-    with pytest.raises(ShapeError, match=r"\[0, 128\)"):
-        program_devices(tiles, torch.tensor([3, 128]), torch.tensor([20.0, 21.0]))
-    with pytest.raises(UnsafeValueError, match="outside the safe"):
-        program_devices(tiles, torch.tensor([3, 70]), torch.tensor([20.0, 90.0]))
-    without = list(build_emulator(make_config(soc=dict(tiles=1), periphery=dict(reference_devices=False))))
-    with pytest.raises(CapabilityError, match="reference"):
-        program_devices(without, torch.tensor([3]), torch.tensor([20.0]), reference=True)
-    assert all(torch.equal(tile.devices.g, old) for tile, old in zip(tiles, before))
-
-
-def test_loaded_device_state_bounds_the_next_writes():
-    tile = build_emulator(make_config(soc=dict(tiles=1), device=dict(programming_error_levels=0.0)))[0]
-    program_devices([tile], torch.tensor([0]), torch.tensor([30.0]))  # the bounds are in use now
-    state = tile.state_dict()
-    state["devices"]["g_max"] = torch.full_like(state["devices"]["g_max"], 25.0)
-    tile.load_state_dict(state)
-    program_devices([tile], torch.tensor([1]), torch.tensor([30.0]))
-    assert float(tile.devices.g.flatten()[1]) <= 25.0
-
-
 def test_the_reference_chip_computes_gradients_on_the_host():
     assert not open_board("emulator:")[0].spec.supports(Capability.TRANSPOSE)
     assert open_board("emulator:?transpose=true")[0].spec.supports(Capability.TRANSPOSE)
@@ -327,17 +256,3 @@ def test_window_reads_return_the_window():
     tile = open_board("emulator:")[0]
     assert tile.read_conductances((2, 6, 10, 13)).shape == (4, 3)
     assert tile.counters.device_reads == 12
-
-
-def test_a_dropped_board_is_freed_after_products_and_writes():
-    # What products and writes keep about a group of tiles (its verdicts, stacked matrices)
-    # lives on the tiles themselves, so a sweep that opens board after board does not pile up.
-    kept = []
-    for _ in range(3):
-        tiles = list(build_emulator(make_config(soc=dict(tiles=3, rows=8, cols=8))))
-        products_together(tiles, torch.rand(3, 4, 8), [5, 5, 5])
-        program_devices(tiles, torch.tensor([1, 70, 150]), torch.tensor([20.0, 21.0, 22.0]))
-        kept.append(weakref.ref(tiles[0]))
-        del tiles
-    gc.collect()
-    assert all(ref() is None for ref in kept)

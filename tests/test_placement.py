@@ -10,7 +10,6 @@ from cim_hil.emulator import build_emulator
 from cim_hil.errors import ConfigError, PlacementError, ShapeError
 from cim_hil.nn import MappingConfig, analog_layers, convert_to_analog
 from cim_hil.nn.placement import fitting_host_layers, plan_placement
-from cim_hil.tile import products_together
 from cim_hil.training import MixedPrecisionOptimizer
 from cim_hil.training.lenet import lenet5
 from tests.conftest import IDEAL, make_config
@@ -104,7 +103,7 @@ def test_a_window_product_drives_only_its_rows_and_converts_only_its_columns():
     assert torch.allclose(y, x @ g[30:50, 40:52] * spec.v_read, atol=1e-4)
     d = torch.rand(5, 12, generator=generator) * 2 - 1
     assert torch.allclose(tile.backward(d, 20, origin=(30, 40)), d @ g[30:50, 40:52].T * spec.v_read, atol=1e-4)
-    together = products_together([tile, tile], torch.stack([x, x]), [12, 4], windows=[window, (0, 20, 0, 4)])
+    together = board.group([tile, tile]).forward(torch.stack([x, x]), [12, 4], windows=[window, (0, 20, 0, 4)])
     assert torch.allclose(together[0], y, atol=1e-5)
     assert torch.allclose(together[1, :, :4], x @ g[:20, :4] * spec.v_read, atol=1e-4)
     assert not together[1, :, 4:].any()
@@ -115,7 +114,7 @@ def test_a_window_product_drives_only_its_rows_and_converts_only_its_columns():
     with pytest.raises(ShapeError, match="outputs must be between 1 and 24"):
         tile.forward(x, 25, origin=(0, 40))
     with pytest.raises(ShapeError, match="do not fit the window"):
-        products_together([tile], x.unsqueeze(0), [13], windows=[window])
+        board.group([tile]).forward(x.unsqueeze(0), [13], windows=[window])
 
 
 def test_cim_hil_plan_prints_the_placement_and_saves_its_picture(tmp_path, capsys):

@@ -15,7 +15,6 @@ from cim_hil.emulator.board import build_emulator
 from cim_hil.errors import UnsafeValueError
 from cim_hil.layer_products import Convolution, LayerCut, layer_products, unroll
 from cim_hil.nn import MappingConfig, convert_to_analog
-from cim_hil.tile import program_devices
 from cim_hil.training.optimizer import MixedPrecisionOptimizer
 from drivers.simulators.faults import FaultPlan
 from drivers.simulators.firmware import BoardFirmware
@@ -54,16 +53,16 @@ def _session(board, generator):
     levels = torch.randint(0, 16, (300,), generator=generator)
     spec = tiles[0].spec
     results = [
-        program_devices(tiles, devices, spec.level_conductance(levels), torch.arange(300) % 3 == 0),
-        program_devices(tiles[2:4], torch.randperm(512, generator=generator)[:40],
-                        8 + 20 * torch.rand(40, generator=generator)),  # targets in uS, between levels
+        board.group(tiles).program_places(devices, spec.level_conductance(levels), torch.arange(300) % 3 == 0),
+        board.group(tiles[2:4]).program_places(torch.randperm(512, generator=generator)[:40],
+                                               8 + 20 * torch.rand(40, generator=generator)),  # targets in uS, between levels
         # A 20-in 24-out layer on tiles 0..3 (2 x 2 blocks); a convolution with every geometry
         # field set, channels first and channels last.
-        layer_products(tiles[:4], LayerCut(20, 24, 2, 2), _codes(generator, 70, 20)),
-        layer_products(tiles[4:6], LayerCut(18, 5, 2, 1), images, CONVOLUTION),
-        layer_products(tiles[4:6], LayerCut(18, 5, 2, 1), images.contiguous(memory_format=torch.channels_last),
+        layer_products(board.group(tiles[:4]), LayerCut(20, 24, 2, 2), _codes(generator, 70, 20)),
+        layer_products(board.group(tiles[4:6]), LayerCut(18, 5, 2, 1), images, CONVOLUTION),
+        layer_products(board.group(tiles[4:6]), LayerCut(18, 5, 2, 1), images.contiguous(memory_format=torch.channels_last),
                        CONVOLUTION),
-        layer_products(tiles[3:4], LayerCut(12, 16, 1, 1), _codes(generator, 4, 1, 4, 4),
+        layer_products(board.group(tiles[3:4]), LayerCut(12, 16, 1, 1), _codes(generator, 4, 1, 4, 4),
                        Convolution(1, 4, 4, (3, 4), padding=(1, 0))),
     ]
     return results + [tile.read_conductances() for tile in tiles] + [tile.read_reference() for tile in tiles]
@@ -103,11 +102,11 @@ def test_board_cut_and_host_cut_patches_give_the_same_numbers():
             with open_board(url) as host:
                 tiles = list(host)[4:6]
                 if board_cuts:
-                    results.append(layer_products(tiles, cut, images, CONVOLUTION))
+                    results.append(layer_products(host.group(tiles), cut, images, CONVOLUTION))
                 else:
-                    results.append(layer_products(tiles, cut, patches))
+                    results.append(layer_products(host.group(tiles), cut, patches))
     emulated = build_emulator(TILES)
-    results.append(layer_products(list(emulated)[4:6], cut, images, CONVOLUTION))
+    results.append(layer_products(emulated.group(list(emulated)[4:6]), cut, images, CONVOLUTION))
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     assert results[0].shape == (6 * 5 * 10, 5) and results[0].abs().sum() > 0
 
@@ -266,8 +265,8 @@ def test_more_devices_than_one_message_holds_go_in_parts_of_whole_arrays(served,
     reference = torch.rand(1000, generator=generator) < 0.5
     with open_board(url) as host:
         levels = torch.randint(0, 16, (1000,), generator=generator)
-        through_board = program_devices(list(host), devices, host[0].spec.level_conductance(levels), reference)
-    in_process = program_devices(list(twin), devices, twin[0].spec.level_conductance(levels), reference)
+        through_board = host.group(list(host)).program_places(devices, host[0].spec.level_conductance(levels), reference)
+    in_process = twin.group(list(twin)).program_places(devices, twin[0].spec.level_conductance(levels), reference)
     assert _same(through_board, in_process) and board.firmware.executed["ProgramDevices"] >= 3
     for served_tile, twin_tile in zip(board.firmware.board, twin):
         assert torch.equal(served_tile.devices.g, twin_tile.devices.g)

@@ -14,7 +14,6 @@ from cim_hil.config import LinkConfig
 from cim_hil.emulator.board import build_emulator
 from cim_hil.errors import BoardError, UnsafeValueError
 from cim_hil.nn import MappingConfig, convert_to_analog
-from cim_hil.tile import products_together, program_together
 from cim_hil.training.optimizer import MixedPrecisionOptimizer
 from drivers.link import BoardNotAnswering
 from drivers.simulators.faults import FaultPlan
@@ -67,9 +66,9 @@ def _session(board, inputs):
         tile.read_conductances(),
         # Both tiles at once: the in-process emulator batches them, the serial board sends them
         # one by one; each tile's numbers must not depend on that.
-        products_together(list(board), inputs["x"][:, :20].expand(2, -1, -1), [7, 32]),
-        products_together(list(board), inputs["x"].expand(2, -1, -1), [32, 5], transpose=True),
-        program_together(list(board), inputs["targets"].expand(2, -1, -1), inputs["mask"].expand(2, -1, -1)),
+        board.group(list(board)).forward(inputs["x"][:, :20].expand(2, -1, -1), [7, 32]),
+        board.group(list(board)).backward(inputs["x"].expand(2, -1, -1), [32, 5]),
+        board.group(list(board)).program_verify(inputs["targets"].expand(2, -1, -1), inputs["mask"].expand(2, -1, -1)),
         board[0].read_conductances(),
     ]
 

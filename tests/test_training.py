@@ -149,24 +149,37 @@ def test_chi_is_conserved_when_write_verify_fails():
     assert board[0].devices.stuck[:8, :4].any()
 
 
-def test_host_copies_follow_programming_even_after_a_layer_tensor_is_replaced():
+def test_host_copies_are_views_of_one_store_that_loads_write_into_and_nothing_replaces():
     board = ideal_board(tiles=2)
     torch.manual_seed(0)
     model = convert_to_analog(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 3)), board, MappingConfig())
+    store = model[0].stored.store
+    assert model[1].stored.store is store
+    assert model[0].weight.data_ptr() == store.weights.data_ptr()
+    assert model[1].levels.data_ptr() == store.levels[32:].data_ptr()
+    # Rebinding a layer's tensor would cut it off from the store: refused, nothing changed.
+    before = model.state_dict()
+    for name in ("levels", "weight"):
+        with pytest.raises(CimHilError, match=f"{name} is a view of its weight store"):
+            setattr(model[0], name, getattr(model[0], name).detach().clone())
+    with pytest.raises(RuntimeError, match="never replaced"):  # torch's load gathers the layers' errors
+        model.load_state_dict(before, assign=True)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
+    # A load writes into the store in place, and the next step programs from what was loaded.
     optimizer = MixedPrecisionOptimizer(model, lr=1.0, rule="sgd")
-    for replace in (False, True, False):
-        if replace:  # what a user's surgery or an assign-load would do; the optimizer must follow
-            model[0].levels = model[0].levels.clone()
-            model[1].weight.data = model[1].weight.detach().clone()
-        before = [layer.levels.clone() for layer in model]
-        optimizer.zero_grad()
-        for layer in model:
-            layer.weight.grad = -2 * layer.granularity * torch.ones_like(layer.weight)
-        optimizer.step()
-        for layer, old in zip(model, before):
-            assert (layer.levels > old).any()  # this step reached the layer's own tensors
-            assert torch.equal(layer.weight.detach(), layer.mapping.weights_for(layer.levels))
-    # And the devices hold what the host believes: ideal devices read back their levels.
+    loaded = {key: value.clone() for key, value in before.items()}
+    loaded["0.levels"] = torch.zeros_like(loaded["0.levels"])
+    loaded["0.weight"] = torch.zeros_like(loaded["0.weight"])
+    model.load_state_dict(loaded)
+    assert not store.levels[:32].any() and not store.weights[:32].any()
+    optimizer.zero_grad()
+    for layer in model:
+        layer.weight.grad = -2 * layer.granularity * torch.ones_like(layer.weight)
+    optimizer.step()
+    assert (model[0].levels == 2).all()  # from zero, as loaded, two steps up
+    for layer in model:
+        assert torch.equal(layer.weight.detach(), layer.mapping.weights_for(layer.levels))
+    # The devices hold what the host believes: ideal devices read back the host's copy.
     for layer in model:
         assert torch.allclose(layer(torch.eye(layer.in_features)) - layer.bias, layer.weight.T, atol=1e-4)
 

@@ -9,6 +9,8 @@ import torch
 
 from cim_hil.board import Board
 from cim_hil.config import EmulatorConfig, load_config, validate
+from cim_hil.emulator.group import EmulatedGroup
+from cim_hil.emulator.store import DeviceStore
 from cim_hil.emulator.tile import EmulatedTile
 from cim_hil.errors import ConfigError
 
@@ -57,15 +59,16 @@ def check_fits_memory(config: EmulatorConfig) -> None:
 
 def build_emulator(config: EmulatorConfig, url: str = "emulator:") -> Board:
     check_fits_memory(config)
-    device = resolve_torch_device(config.torch_device)
-    # Every tile's weight and reference conductances in one tensor: a layer's tiles are one slice.
-    conductances = torch.zeros(config.soc.tiles, 2, config.soc.rows, config.soc.cols, device=device)
+    torch_device = resolve_torch_device(config.torch_device)
+    # Every tile's device state in one store: a layer's tiles are one slice of it.
+    store = DeviceStore(config.soc.tiles, config.soc.rows, config.soc.cols, torch_device)
     tiles = [
-        EmulatedTile(config, tile_generator(config.seed, config.soc.first_tile + index, device), device, (conductances, index))
+        EmulatedTile(config, tile_generator(config.seed, config.soc.first_tile + index, torch_device), torch_device,
+                     (store, index))
         for index in range(config.soc.tiles)
     ]
     info = {"backend": "emulator", "seed": config.seed, "clock_hz": config.timing.clock_hz}
-    return Board(tiles, url, info)
+    return Board(tiles, url, info, group_type=EmulatedGroup)
 
 
 def config_from_url(url: str, base: EmulatorConfig | None = None) -> EmulatorConfig:

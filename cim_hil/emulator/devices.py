@@ -13,51 +13,54 @@ from collections.abc import Callable
 import torch
 
 from cim_hil.config import DeviceConfig
+from cim_hil.emulator.store import STATE, DeviceStore
 
 
 class DeviceArray:
     """``rows x cols`` devices; ``g`` holds the true conductances (uS), unseen by the host.
 
-    ``g`` lives in a tensor the array is given (a board keeps every array's conductances in
-    one tensor, so a layer's tiles are one slice of it) or else its own; it stays the same
-    tensor, and every change writes into it and counts in ``g_changes`` (of all arrays), so
-    whoever keeps something derived from conductances (a tile's G - G_ref) knows it is current
-    while that count stands. ``state_loads`` counts the loads that replace the fixed
-    parameters (bounds, stuck flags) the same way.
+    Every quantity of the array is a view of a :class:`~cim_hil.emulator.store.DeviceStore`
+    (a board keeps all its tiles' devices in one, so a group of tiles is one slice of it), and
+    stays that view: writes go into it in place, and the store's version tells whoever keeps
+    something derived from conductances that it changed.
     """
 
-    g_changes = 0
-    state_loads = 0
-
-    @property
-    def g(self) -> torch.Tensor:
-        return self._g
-
-    @g.setter
-    def g(self, value: torch.Tensor) -> None:
-        self._g.copy_(value)
-        DeviceArray.g_changes += 1
-
     def __init__(
-        self, config: DeviceConfig, rows: int, cols: int, generator: torch.Generator, storage: torch.Tensor | None = None
+        self, config: DeviceConfig, rows: int, cols: int, generator: torch.Generator,
+        state: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Parameters are drawn from ``generator``, on its device (CPU or CUDA); ``storage``
-        (rows, cols), if given, is where the conductances live."""
+        """Parameters are drawn from ``generator``, on its device (CPU or CUDA), into ``state``
+        (views (rows, cols) of a store, one per name in ``STATE``; else a store of its own)."""
         self.config = config
         self.generator = generator
+        self._state = state = state or DeviceStore(1, rows, cols, generator.device).views(0, 0)
         self.shape = (rows, cols)
-        self._g = torch.empty(self.shape, device=generator.device) if storage is None else storage
         span = config.range_us
-        self.g_min = config.g_min_us + config.g_min_us * config.bounds_d2d * self._randn()
-        self.g_max = config.g_max_us + config.g_max_us * config.bounds_d2d * self._randn()
+        g_min = config.g_min_us + config.g_min_us * config.bounds_d2d * self._randn()
+        g_max = config.g_max_us + config.g_max_us * config.bounds_d2d * self._randn()
         # Variation must never invert a device's range: keep at least half the nominal span.
-        self.g_max = torch.maximum(self.g_max, self.g_min + 0.5 * span)
-        self.a_up = config.step_up_us * (1 + config.step_d2d * self._randn()).clamp(min=0.1)
-        self.a_down = config.step_down_us * (1 + config.step_d2d * self._randn()).clamp(min=0.1)
-        self.stuck = self._rand() < config.stuck_fraction
+        state["g_min"].copy_(g_min)
+        state["g_max"].copy_(torch.maximum(g_max, g_min + 0.5 * span))
+        state["a_up"].copy_(config.step_up_us * (1 + config.step_d2d * self._randn()).clamp(min=0.1))
+        state["a_down"].copy_(config.step_down_us * (1 + config.step_d2d * self._randn()).clamp(min=0.1))
+        state["stuck"].copy_(self._rand() < config.stuck_fraction)
         stuck_at = self.g_min + (self.g_max - self.g_min) * self._rand()
         # Pristine forming-free devices sit in their high-resistance state.
         self.g = torch.where(self.stuck, stuck_at, self.g_min)
+
+    @property
+    def g(self) -> torch.Tensor:
+        return self._state["g"]
+
+    @g.setter
+    def g(self, value: torch.Tensor) -> None:
+        self._state["g"].copy_(value)
+
+    g_min = property(lambda self: self._state["g_min"])
+    g_max = property(lambda self: self._state["g_max"])
+    a_up = property(lambda self: self._state["a_up"])
+    a_down = property(lambda self: self._state["a_down"])
+    stuck = property(lambda self: self._state["stuck"])
 
     def _randn(self) -> torch.Tensor:
         return torch.randn(self.shape, generator=self.generator, device=self.generator.device)
@@ -65,15 +68,12 @@ class DeviceArray:
     def _rand(self) -> torch.Tensor:
         return torch.rand(self.shape, generator=self.generator, device=self.generator.device)
 
-    STATE = ("g", "g_min", "g_max", "a_up", "a_down", "stuck")
-
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).clone() for name in self.STATE}
+        return {name: self._state[name].clone() for name in STATE}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name in self.STATE:
-            setattr(self, name, state[name].to(self.g.device).clone())
-        DeviceArray.state_loads += 1
+        for name in STATE:
+            self._state[name].copy_(state[name])
 
     def symmetry_point(self) -> torch.Tensor:
         """G* where an up and a down step cancel on average (analytic, for tests and reports)."""

@@ -15,18 +15,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from cim_hil.codes import input_codes, top_code
-from cim_hil.emulator.devices import DeviceArray
 
 if TYPE_CHECKING:
-    from cim_hil.emulator.tile import EmulatedTile
+    from cim_hil.emulator.group import EmulatedGroup
 
 # The matrix product runs on at least this many columns: CPU kernels for fewer are several
-# times slower (LeNet's first layer, 6 outputs: 0.4 ms against 0.17 ms).
+# times slower.
 MIN_PRODUCT_COLUMNS = 16
 
 
 class ProductPlan:
-    """Products of ``tiles`` (one chip) in one direction, tile i converting its first
+    """Products of a ``group``'s tiles in one direction, tile i converting its first
     ``outputs[i]`` outputs.
 
     Products are computed in the ADC's LSBs: one input code on one device makes
@@ -38,10 +37,12 @@ class ProductPlan:
     which tiles run together.
     """
 
-    def __init__(self, tiles: list[EmulatedTile], outputs: tuple[int, ...], transpose: bool) -> None:
+    def __init__(self, group: EmulatedGroup, outputs: tuple[int, ...], transpose: bool) -> None:
+        tiles = group.tiles
         first = tiles[0]
         spec = first.spec
-        self.tiles, self.outputs, self.transpose = tiles, outputs, transpose
+        self.group, self.tiles, self.outputs, self.transpose = group, tiles, outputs, transpose
+        self.torch_device = first.torch_device
         self.generators = [tile.generator for tile in tiles]
         self.input_bits = spec.input_bits
         self.adc = adc = first.backward_adc if transpose else first.forward_adc
@@ -56,23 +57,24 @@ class ProductPlan:
         narrow = min(outputs) < self.widest
         self.code_value = None
         if narrow:
-            converted = torch.arange(self.widest, device=first.device) < torch.tensor(outputs, device=first.device).view(-1, 1, 1)
+            on = self.torch_device
+            converted = torch.arange(self.widest, device=on) < torch.tensor(outputs, device=on).view(-1, 1, 1)
             self.code_value = converted.float().mul_(adc.lsb)
         # Cycles and energy are linear in the batch: per sample, tile by tile.
         self.cycles = [first.timing.product_cycles(1, width) for width in outputs]
         self.energy_nj = first.timing.product_energy_nj(1)
         self._matrices: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (matrices, driven inputs, their cut)
 
-    def run(self, x: torch.Tensor, normalised: bool = False) -> torch.Tensor:
+    def run(self, x: torch.Tensor, in_range: bool) -> torch.Tensor:
         """Currents (tiles, batch, max(outputs)) for inputs ``x`` (tiles, batch, k); inputs
-        known to lie in [-1, 1] (``normalised``) are not clamped."""
-        codes = input_codes(x.to(self.tiles[0].device, torch.float32), self.input_bits, clamp=not normalised)
+        known to lie in [-1, 1] (``in_range``) are not clamped."""
+        codes = input_codes(x.to(self.torch_device, torch.float32), self.input_bits, clamp=not in_range)
         return self.adc.convert_lsbs_(self._analog_lsbs(codes, owned=True), self.code_value)
 
     def output_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """The ADC's output codes (tiles, batch, max(outputs)) for input codes (tiles, batch, k),
         whole numbers as float32; beyond a tile's outputs they are not defined."""
-        return self.adc.codes_(self._analog_lsbs(codes.to(self.tiles[0].device, torch.float32), owned=False))
+        return self.adc.codes_(self._analog_lsbs(codes.to(self.torch_device, torch.float32), owned=False))
 
     def _analog_lsbs(self, codes: torch.Tensor, owned: bool) -> torch.Tensor:
         """The products with their noise, in LSBs, before conversion; counts the products.
@@ -81,8 +83,9 @@ class ProductPlan:
         if self.widest < self.columns:
             lsbs = lsbs[:, :, : self.widest]
         if self.read_variance or self.adc_variance:
-            # (A sum of squares, not ``norm``: torch's norm is 20x slower on column-major inputs.)
-            variance = (codes.square_() if owned else codes.square()).sum(2, keepdim=True).mul_(self.read_variance).add_(self.adc_variance)
+            # (A sum of squares, not ``norm``: torch's norm is far slower on column-major inputs.)
+            squares = codes.square_() if owned else codes.square()
+            variance = squares.sum(2, keepdim=True).mul_(self.read_variance).add_(self.adc_variance)
             lsbs = torch.addcmul(lsbs, variance.sqrt_(), self._noise(lsbs.shape[1]))
         else:
             lsbs = lsbs.contiguous()
@@ -92,7 +95,7 @@ class ProductPlan:
     def _matrices_for(self, driven: int) -> torch.Tensor:
         """The tiles' matrices cut to ``driven`` inputs and the product's columns (transposed
         for a transpose product): a view, kept while the matrices are refreshed in place."""
-        matrices = conductance_matrices(self.tiles, self.factor)
+        matrices = self.group._matrices(self.factor)
         kept = self._matrices
         if kept is None or kept[0] is not matrices or kept[1] != driven:
             if self.transpose:
@@ -107,7 +110,7 @@ class ProductPlan:
         lone (batch, outputs[i]) draw, zero beyond its outputs."""
         widest = self.widest
         narrow = self.code_value is not None
-        noise = (torch.zeros if narrow else torch.empty)(len(self.tiles), batch, widest, device=self.tiles[0].device)
+        noise = (torch.zeros if narrow else torch.empty)(len(self.tiles), batch, widest, device=self.torch_device)
         for generator, width, draws in zip(self.generators, self.outputs, noise):
             if width == widest:
                 draws.normal_(generator=generator)
@@ -125,33 +128,3 @@ class ProductPlan:
                 c.transpose_products += batch
             else:
                 c.products += batch
-
-
-def conductance_matrices(tiles: list[EmulatedTile], factor: float) -> torch.Tensor:
-    """(G - G_ref) * ``factor`` of every device of ``tiles``, stacked (tiles, rows, cols).
-    Kept on the first tile (a forward and a transpose product of the same tiles share it) and
-    computed again into the same tensor when any array's conductances change, so views of it
-    stay current."""
-    first = tiles[0]
-    group = tuple(tiles)
-    kept = first._kept_matrices
-    if kept is None or kept[0] != group:
-        kept = first._kept_matrices = [group, DeviceArray.g_changes, {}]
-    if kept[1] != DeviceArray.g_changes:
-        for kept_factor, matrices in kept[2].items():
-            _difference(tiles, kept_factor, out=matrices)
-        kept[1] = DeviceArray.g_changes
-    if factor not in kept[2]:
-        kept[2][factor] = _difference(tiles, factor)
-    return kept[2][factor]
-
-
-def _difference(tiles: list[EmulatedTile], factor: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    first = tiles[0]
-    both = first._conductances(tiles)
-    g = torch.stack([tile.devices.g for tile in tiles]) if both is None else both[0]
-    if first.references is None:
-        reference = first.fixed_reference_us
-    else:
-        reference = torch.stack([tile.references.g for tile in tiles]) if both is None else both[1]
-    return torch.sub(g, reference, out=out).mul_(factor)

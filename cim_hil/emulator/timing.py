@@ -15,6 +15,9 @@ REFERENCE_AREA = 64 * 64  # the array the 2.66 nJ figure was measured on
 
 
 class TimingModel:
+    """Cycles and energy of one ``rows x cols`` tile's operations, from the clock-level
+    ``timing`` and the ``periphery`` (bits, columns per ADC); the emulated tile counts with it."""
+
     def __init__(self, timing: TimingConfig, periphery: PeripheryConfig, rows: int, cols: int) -> None:
         self.t = timing
         self.p = periphery

@@ -5,9 +5,10 @@ on the tiles when the mapping allows it, else from the host's copy of the weight
 reference chip); the weight gradient is always the host's outer product. Biases are ordinary
 digital parameters on the host.
 
-``weight`` is the host's copy of what is programmed; the mixed-precision optimizer never
+``weight`` is the host's copy of what is programmed, a view of the model's
+:class:`~cim_hil.nn.store.WeightStore` (as ``levels`` is); the mixed-precision optimizer never
 writes it directly, it programs the devices through
-:class:`cim_hil.nn.programming.StepProgrammer`, which keeps the copy in step.
+:class:`cim_hil.nn.programming.StepProgrammer`, which keeps the store in step.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cim_hil.errors import CimHilError
+from cim_hil.group import TileGroup
 from cim_hil.layer_products import Convolution, unroll
 from cim_hil.nn.config import MappingConfig
 from cim_hil.nn.mapping import Spot, TileMapping
-from cim_hil.tile import Tile
+from cim_hil.nn.store import StoredLayer, WeightStore
 
 
 def _bias_gradient(ctx, grad_rows: torch.Tensor) -> torch.Tensor | None:
@@ -67,8 +70,8 @@ class _AnalogConvolution(torch.autograd.Function):
         grad_x = layer._input_gradient(x, weight, grad_rows) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            # Column by column where a patch fits one tile (LeNet's first layer: about 50 us
-            # against 320 us for rows); else rows, copied in runs of kw * C values.
+            # Column by column where a patch fits one tile (far faster to copy than rows); else
+            # rows, copied in runs of kw * C values.
             patches = unroll(x.detach(), ctx.convolution, by_column=layer.mapping.row_blocks == 1)
             grad_weight = _split_inner_product(grad_rows.T, patches)
         return grad_x, grad_weight, _bias_gradient(ctx, grad_rows), None
@@ -77,8 +80,7 @@ class _AnalogConvolution(torch.autograd.Function):
 def _split_inner_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for a long inner dimension (a convolution's weight gradient sums over every patch
     of the batch), cut into one part per CPU thread and run as one batched product: a single
-    product with a few rows runs on one thread (LeNet's first layer, 6 x 18432 x 25: about
-    145 us against 260 us on two threads)."""
+    product with a few rows runs on one thread."""
     parts, inner = torch.get_num_threads(), a.shape[1]
     if parts < 2 or inner % parts:
         return a @ b
@@ -86,19 +88,37 @@ def _split_inner_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class AnalogLayer(nn.Module):
-    """Shared state of analog layers: the mapping and the host's view of the devices."""
+    """Shared state of analog layers: the mapping and the host's view of the devices.
+
+    ``weight`` and ``levels`` are views of the layer's part of a weight store (its model's, or
+    its own when made alone), written in place and never replaced.
+    """
+
+    STORED = ("weight", "levels")
 
     def _setup(self, in_features: int, out_features: int, initial: torch.Tensor, bias: torch.Tensor | None,
-               tiles: list[Tile], config: MappingConfig, spots: list[Spot] | None, whole_tiles: bool) -> None:
-        self.mapping = TileMapping(in_features, out_features, tiles, config, initial, spots, whole_tiles)
-        if config.programming == "write_verify":
-            levels = self.mapping.program_levels(self.mapping.levels_for(initial), previous=None)
-            self.register_buffer("levels", levels)
-            self.weight = nn.Parameter(self.mapping.weights_for(levels))
+               group: TileGroup, config: MappingConfig, spots: list[Spot] | None, whole_tiles: bool,
+               stored: StoredLayer | None) -> None:
+        if stored is None:
+            stored = WeightStore(group, [(out_features, in_features)], config.programming == "write_verify").part(0)
+        self.mapping = mapping = TileMapping(in_features, out_features, group, config, initial, spots, whole_tiles)
+        stored.store.fill(stored.index, mapping)
+        levels, weights = stored.levels, stored.weights
+        if levels is not None:
+            levels.copy_(mapping.program_levels(mapping.levels_for(initial), previous=None))
+            weights.copy_(mapping.weights_for(levels))
         else:
-            self.register_buffer("levels", None)
-            self.weight = nn.Parameter(self.mapping.program_weights_open_loop(initial))
+            weights.copy_(mapping.program_weights_open_loop(initial))
+        self.register_buffer("levels", levels)
+        self.weight = nn.Parameter(weights)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.stored = stored  # from here on, ``weight`` and ``levels`` stay what they are
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.STORED and "stored" in self.__dict__:
+            raise CimHilError(f"an analog layer's {name} is a view of its weight store and is never replaced; "
+                              f"write into it in place (layer.{name}.copy_(...))")
+        super().__setattr__(name, value)
 
     @property
     def granularity(self) -> float:
@@ -116,13 +136,16 @@ class AnalogLayer(nn.Module):
 
 
 class AnalogLinear(AnalogLayer):
-    def __init__(self, linear: nn.Linear, tiles: list[Tile], config: MappingConfig, spots: list[Spot] | None = None,
-                 whole_tiles: bool = True) -> None:
-        """``spots``, ``whole_tiles``: where the blocks sit on ``tiles`` (see ``TileMapping``)."""
+    """A ``Linear`` whose products run on a ``group`` of tiles. ``spots``, ``whole_tiles``:
+    where the blocks sit on the group's tiles (see ``TileMapping``); ``stored``: its part of
+    its model's weight store (see ``convert_to_analog``), else it keeps a store of its own."""
+
+    def __init__(self, linear: nn.Linear, group: TileGroup, config: MappingConfig, spots: list[Spot] | None = None,
+                 whole_tiles: bool = True, stored: StoredLayer | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._setup(linear.in_features, linear.out_features, linear.weight.detach(), linear.bias, tiles, config,
-                    spots, whole_tiles)
+        self._setup(linear.in_features, linear.out_features, linear.weight.detach(), linear.bias, group, config,
+                    spots, whole_tiles, stored)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -139,8 +162,8 @@ class AnalogConv2d(AnalogLayer):
     ``as_kernel`` gives it as a ``Conv2d`` holds it.
     """
 
-    def __init__(self, conv: nn.Conv2d, tiles: list[Tile], config: MappingConfig, spots: list[Spot] | None = None,
-                 whole_tiles: bool = True) -> None:
+    def __init__(self, conv: nn.Conv2d, group: TileGroup, config: MappingConfig, spots: list[Spot] | None = None,
+                 whole_tiles: bool = True, stored: StoredLayer | None = None) -> None:
         super().__init__()
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise NotImplementedError("analog convolution supports groups=1, numeric zero padding")
@@ -148,7 +171,7 @@ class AnalogConv2d(AnalogLayer):
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         self.in_channels = conv.in_channels
         weight = conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
-        self._setup(weight.shape[1], conv.out_channels, weight, conv.bias, tiles, config, spots, whole_tiles)
+        self._setup(weight.shape[1], conv.out_channels, weight, conv.bias, group, config, spots, whole_tiles, stored)
 
     def as_kernel(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` shaped like ``weight`` (the weights, their gradient, chi) as a ``Conv2d``
@@ -174,7 +197,7 @@ class AnalogConv2d(AnalogLayer):
         grad_out = grad_rows.view(n, *self.geometry(x).out_size, self.out_channels).permute(0, 3, 1, 2)
         # Given the image itself (``conv2d_input`` takes only its shape), the gradient comes in
         # the image's memory format. An earlier analog convolution's output, pooled, is channels
-        # last, and pooling's backward takes a channels-first gradient for it about 4x slower.
+        # last, and pooling's backward takes a channels-first gradient for it several times slower.
         return torch.ops.aten.convolution_backward(
             grad_out, x, self.as_kernel(weight), None, self.stride, self.padding, self.dilation, False, [0, 0], 1,
             [True, False, False],

@@ -19,26 +19,27 @@ import torch
 from cim_hil.codes import input_codes
 from cim_hil.errors import CapabilityError, ConfigError
 from cim_hil.layer_products import Convolution, LayerCut, layer_products, unroll
+from cim_hil.group import TileGroup
 from cim_hil.nn.config import MappingConfig
-from cim_hil.tile import Capability, Tile, averaged_read, products_together, program_devices, program_together, require_finite
+from cim_hil.tile import Capability, averaged_read, require_finite
 
 
 class LevelWrite:
-    """Write-verify of weights to new levels as one ``program_devices`` call over ``tiles``,
+    """Write-verify of weights to new levels as one ``program_places`` call of ``group``,
     which may hold several layers' blocks: a training step pays for one call, not one per
     layer. ``mapping`` gives the level conventions, which the layers must share (one tile spec
     and mapping config).
 
-    ``places`` (k,) are the weights' flat device indices in the stack of ``tiles``; ``levels``
-    their new relative levels; ``previous`` their present ones (None: program every device
-    afresh). Only devices whose level changes are programmed.
+    ``places`` (k,) are the weights' places in ``group`` (flat device indices in the stack of
+    its tiles); ``levels`` their new relative levels; ``previous`` their present ones (None:
+    program every device afresh). Only devices whose level changes are programmed.
     """
 
     def __init__(
-        self, mapping: TileMapping, tiles: list[Tile], places: torch.Tensor, levels: torch.Tensor,
+        self, mapping: TileMapping, group: TileGroup, places: torch.Tensor, levels: torch.Tensor,
         previous: torch.Tensor | None,
     ) -> None:
-        self.mapping, self.tiles = mapping, tiles
+        self.mapping, self.group = mapping, group
         self.device_levels = mapping._device_levels(levels)  # (2, k): weight devices, reference devices
         if previous is None:
             self.write = torch.ones_like(self.device_levels, dtype=torch.bool)
@@ -47,15 +48,15 @@ class LevelWrite:
             self.write = self.device_levels != mapping._device_levels(previous)
         # Row-major order: every weight device to write, then every reference device.
         reference, weight = self.write.nonzero(as_tuple=True)
-        self.devices = places.index_select(0, weight)
+        self.places = places.index_select(0, weight)
         self.reference = reference.bool()
-        self.targets_us = mapping._conductance(self.device_levels.masked_select(self.write))  # (a bool index: 2x slower)
+        self.targets_us = mapping._conductance(self.device_levels.masked_select(self.write))  # (not a bool index: slower)
 
     def run(self) -> torch.Tensor:
         """Program the devices; returns the relative levels the weights reached, read back."""
-        if not len(self.devices):
+        if not len(self.places):
             return self._levels_reached(torch.empty(0))
-        result = program_devices(self.tiles, self.devices, self.targets_us, self.reference)
+        result = self.group.program_places(self.places, self.targets_us, self.reference)
         return self._levels_reached(result.reached_us.cpu())
 
     def _levels_reached(self, reached_us: torch.Tensor) -> torch.Tensor:
@@ -70,25 +71,36 @@ Spot = tuple[int, int, int]
 
 
 class TileMapping:
-    """``tiles`` are the distinct tiles the layer uses; ``spots`` give, for each block in
+    """One logical (out_features, in_features) weight matrix on a ``group`` of tiles: where each
+    weight sits, the weight <-> level <-> conductance conventions (W = (G - G_ref) * scale),
+    and the layer's products and programming through the group.
+
+    ``group`` holds the distinct tiles the layer uses; ``spots`` give, for each block in
     row-major grid order, its tile and corner (default: block i alone on tile i). A block at a
     corner other than (0, 0) runs its products on its window of the tile; ``whole_tiles``
-    says the layer's tiles hold no other layer's blocks, so their unused devices are its own."""
+    says the layer's tiles hold no other layer's blocks, so their unused devices are its own.
+    ``initial`` (the weights to start from) sets ``scale``: its largest magnitude takes
+    ``config.weight_fill`` of the conductance range either side of the reference.
+    """
 
     def __init__(
-        self, in_features: int, out_features: int, tiles: list[Tile], config: MappingConfig, initial: torch.Tensor,
+        self, in_features: int, out_features: int, group: TileGroup, config: MappingConfig, initial: torch.Tensor,
         spots: list[Spot] | None = None, whole_tiles: bool = True,
     ) -> None:
-        spec = tiles[0].spec
+        spec = group.spec
         self.spec, self.config = spec, config
         self.in_features, self.out_features = in_features, out_features
         self.row_blocks = math.ceil(in_features / spec.rows)
         self.col_blocks = math.ceil(out_features / spec.cols)
         self.cut = LayerCut(in_features, out_features, self.row_blocks, self.col_blocks)
-        self.spots = spots or [(index, 0, 0) for index in range(len(tiles))]
-        assert len(self.spots) == self.row_blocks * self.col_blocks
-        self.tiles, self.whole_tiles = tiles, whole_tiles
-        self._block_tiles = [tiles[tile] for tile, _, _ in self.spots]  # one per block, in grid order
+        self.spots = spots or [(index, 0, 0) for index in range(len(group))]
+        if len(self.spots) != self.row_blocks * self.col_blocks:
+            raise ConfigError(f"a {out_features}x{in_features} matrix takes {self.row_blocks * self.col_blocks} "
+                              f"blocks of {spec.rows}x{spec.cols}, {len(self.spots)} were placed")
+        self.group, self.tiles, self.whole_tiles = group, group.tiles, whole_tiles
+        block_tiles = [group.tiles[tile] for tile, _, _ in self.spots]  # one per block, in grid order
+        same = len(block_tiles) == len(group) and all(a is b for a, b in zip(block_tiles, group.tiles))
+        self._block_group = group if same else type(group)(block_tiles, group.board)  # products only
         self._windows = self._block_windows() if any(row or col for _, row, col in self.spots) else None
         self._check_capabilities()
         top = spec.levels - 1
@@ -204,7 +216,7 @@ class TileMapping:
 
         Returns the relative levels the devices actually reached, read back after verify.
         """
-        write = LevelWrite(self, self.tiles, self.device_index.view(-1), levels.reshape(-1),
+        write = LevelWrite(self, self.group, self.device_index.view(-1), levels.reshape(-1),
                            previous.reshape(-1) if previous is not None else None)
         return write.run().view_as(levels)
 
@@ -229,10 +241,10 @@ class TileMapping:
             if self.spec.supports(Capability.REFERENCE):
                 everywhere = torch.full((len(self.tiles), self.spec.rows, self.spec.cols), middle)
                 mine = None if self.whole_tiles else self._to_tiles(torch.ones_like(weights, dtype=torch.bool), False)
-                program_together(self.tiles, everywhere, mine, reference=True)
+                self.group.program_reference(everywhere, mine)
         targets = (reference + weights / self.scale).clamp(self.spec.g_min_us, self.spec.g_max_us)
         used = self._to_tiles(torch.ones_like(targets, dtype=torch.bool), False)
-        program_together(self.tiles, self._to_tiles(targets, self.spec.g_min_us), used)
+        self.group.program_verify(self._to_tiles(targets, self.spec.g_min_us), used)
         return (targets - reference) * self.scale
 
     # ---- products -------------------------------------------------------------------------
@@ -243,7 +255,7 @@ class TileMapping:
         if self._windows is not None:
             return self._products(x, False, None, bias)
         codes, peak = self._input_codes(x.detach())
-        return self._scaled(layer_products(self._block_tiles, self.cut, codes), peak, bias).to(x.device, x.dtype)
+        return self._scaled(layer_products(self._block_group, self.cut, codes), peak, bias).to(x.device, x.dtype)
 
     def forward_images(self, x: torch.Tensor, convolution: Convolution, bias: torch.Tensor | None = None) -> torch.Tensor:
         """A convolution of images x (N, C, H, W): (N * out_h * out_w, out_features), one row
@@ -253,7 +265,7 @@ class TileMapping:
         peaks = peak.repeat_interleave(convolution.out_size[0] * convolution.out_size[1], 0)
         if self._windows is not None:  # blocks packed into windows: the patches are cut here, one product per block
             return self._products(unroll(x.detach(), convolution, self.row_blocks == 1), False, peaks, bias)
-        currents = layer_products(self._block_tiles, self.cut, codes, convolution)
+        currents = layer_products(self._block_group, self.cut, codes, convolution)
         return self._scaled(currents, peaks, bias).to(x.device, x.dtype)
 
     def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,8 +325,7 @@ class TileMapping:
         if way.kept > 1:  # tile (r, c) takes block c (transposed) or r
             grid = inputs.unsqueeze(0) if transpose else inputs.unsqueeze(1)
             inputs = grid.expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
-        currents = products_together(self._block_tiles, inputs, way.outputs, transpose, normalised=True,
-                                     windows=self._windows).cpu()
+        currents = self._products_in_range(inputs, way.outputs, transpose)
         # (n, kept, summed, width): summing the blocks writes the kept ones side by side, no copy.
         grid = currents.view(self.row_blocks, self.col_blocks, n, -1).permute(2, 1 - way.summed, way.summed, 3)
         out = (grid.sum(2) if way.blocks > 1 else grid[:, :, 0]).reshape(n, -1)[:, : way.features]
@@ -324,6 +335,12 @@ class TileMapping:
             peak = peak * self.output_scale.to(out.device)  # (n, out_features)
         out = out * (peak * back) if bias is None else torch.addcmul(bias.to(out.device), out, peak, value=back)
         return out.to(x.device, x.dtype)
+
+    def _products_in_range(self, inputs: torch.Tensor, outputs: list[int], transpose: bool) -> torch.Tensor:
+        """The group's products of ``inputs`` this mapping has built itself: (tiles, n, k) by
+        construction, each sample scaled into [-1, 1] and its peak checked finite (on a tensor
+        far smaller than the inputs), so neither is checked nor clamped again."""
+        return self._block_group._products_on(inputs, outputs, transpose, True, self._windows).cpu()
 
 
 @dataclass(frozen=True)

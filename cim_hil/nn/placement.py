@@ -4,7 +4,7 @@ A layer's logical matrix is cut into blocks of at most rows x cols (inputs on ro
 columns). Unpacked, every block has a tile of its own, in module order: LeNet-5 takes 18 tiles
 of 64x64 although its first convolution fills 150 of a tile's 4,096 devices. Packed, small
 blocks sit side by side on one tile, each at a row and column offset, and run their products on
-that window of the tile (``products_together(..., windows=...)``). Layers named in
+that window of the tile (``TileGroup.forward(..., windows=...)``). Layers named in
 ``host_layers`` stay digital on the host. ``convert_to_analog`` takes the plan.
 """
 

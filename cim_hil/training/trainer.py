@@ -97,10 +97,14 @@ def _since(before: dict[str, float], now: dict[str, float]) -> dict[str, float]:
 
 
 class Trainer:
-    """``Trainer(config, data, out)`` starts a run in ``out`` (empty, or ``overwrite=True``);
-    ``Trainer.resume(out, data)`` continues one. ``world``: this process's place among
-    data-parallel ranks (``cim_hil.training.distributed``); alone by default, where every
-    collective is the identity."""
+    """One training run of LeNet-5 on ``data`` as ``config`` says, writing into ``out_dir``:
+    the board it opens, the analog model and its mixed-precision optimizer (or the float
+    baseline), the epochs done and their metrics. ``fit`` trains and checkpoints after every
+    epoch; ``resume`` picks a run up from its checkpoint; a new run needs an empty ``out_dir`` (or
+    ``overwrite=True``). ``progress`` shows a bar per epoch.
+    ``world``: this process's place among data-parallel ranks (``cim_hil.training.distributed``);
+    alone by default, where every collective is the identity.
+    """
 
     def __init__(self, config: TrainConfig, data: MNIST, out_dir: str | Path, progress: bool = True,
                  world: World | None = None, overwrite: bool = False) -> None:

@@ -21,7 +21,8 @@ from cim_hil.codes import top_code
 from cim_hil.emulator.tile import EmulatedTile
 from cim_hil.errors import CapabilityError, ConfigError, ShapeError, UnsafeValueError
 from cim_hil.layer_products import Convolution, LayerCut, layer_products
-from cim_hil.tile import Counters, program_devices
+from cim_hil.group import TileGroup
+from cim_hil.tile import Counters
 from drivers.board_info import capability_bits, info_fields
 from firmware_protocol import messages as m
 from firmware_protocol.codes import CodeFormat
@@ -55,6 +56,7 @@ class BoardFirmware:
         self._last: tuple[int, int, bytes] | None = None  # (seq, type, encoded answer) kept for repeats
         self._pieces: list[bytes] = []  # every piece of the last reply that took more than one frame
         self._pending_type = 0
+        self._groups: dict[tuple, TileGroup] = {}
 
     @staticmethod
     def _check_fits_protocol(tile: EmulatedTile) -> None:
@@ -182,6 +184,16 @@ class BoardFirmware:
             if not have & capability:
                 raise Refusal(m.ErrorCode.UNSUPPORTED, f"this board has no {capability.name.replace('_', ' ')}")
 
+    def _group(self, indices) -> TileGroup:
+        """The board's group of the tiles at ``indices``, kept (with what it keeps) until a reset
+        builds a new board."""
+        key = tuple(indices)
+        if key not in self._groups:
+            if len(self._groups) >= 64:  # a host that names ever new sets of tiles keeps no more than this
+                self._groups.clear()
+            self._groups[key] = self.board.group([self.board[index] for index in key])
+        return self._groups[key]
+
     def _tile(self, index: int) -> EmulatedTile:
         if not 0 <= index < len(self.board):
             raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"tile {index} does not exist; the board has {len(self.board)}")
@@ -303,7 +315,8 @@ class BoardFirmware:
             targets = spec.level_conductance(torch.from_numpy(request.targets.astype(np.int64)))
         devices = torch.from_numpy(request.tiles.astype(np.int64) * per_tile + request.places.astype(np.int64))
         reference = torch.from_numpy(request.arrays.astype(bool))
-        result = program_devices(tiles, devices, targets, reference, request.tolerance_us or None, trials)
+        result = self._group(range(len(tiles))).program_places(devices, targets, reference,
+                                                               request.tolerance_us or None, trials)
         codes = torch.round(result.reached_us.cpu() / tiles[0].read_lsb_us).numpy().astype(np.uint16)
         return m.DevicesReport(codes, result.trials.cpu().numpy().astype(np.uint8), result.failed.cpu().numpy())
 
@@ -329,7 +342,7 @@ class BoardFirmware:
                 codes = codes.view(len(codes), g.channels, g.height, g.width)
             else:
                 codes = codes.view(len(codes), g.height, g.width, g.channels).permute(0, 3, 1, 2)
-        currents = layer_products(tiles, cut, codes, convolution)
+        currents = layer_products(self._group(request.tiles.tolist()), cut, codes, convolution)
         outputs = torch.round(currents.cpu() / tiles[0].forward_adc.lsb)
         return m.LayerProducts(request.out_format, outputs.numpy().astype(np.int16))
 
@@ -346,6 +359,7 @@ class BoardFirmware:
                 tile.counters = Counters(clock_hz=tile.counters.clock_hz)
         elif request.mode == 1:
             self.board = self.make_board()
+            self._groups.clear()
         else:
             raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"RESET mode {request.mode} is neither 0 nor 1")
         return m.Ack(m.Reset.TYPE)
