@@ -57,6 +57,21 @@ def _line_fit(g: torch.Tensor, dg: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return intercept, rate, residual
 
 
+MOVED_SCATTERS = 4.0
+"""How far beyond the scatter of its single steps a sweep's net change must go to count."""
+
+
+def responds_to_pulses(curve: torch.Tensor) -> torch.Tensor:
+    """Per device, whether N up pulses raised it and N down pulses lowered it by more than
+    ``MOVED_SCATTERS`` times the scatter of its single steps. A stuck device's net change over a
+    sweep is only the read noise of two reads, about the scatter of one step, so it never counts
+    as fitted, however its noise happens to fall; an ideal stuck device (no noise) moves by 0."""
+    n = (curve.shape[0] - 1) // 2
+    scatter = (curve[1:] - curve[:-1]).std(0)
+    rise, fall = curve[n] - curve[0], curve[n] - curve[-1]
+    return (rise > MOVED_SCATTERS * scatter) & (fall > MOVED_SCATTERS * scatter)
+
+
 def fit_soft_bounds(curve: torch.Tensor) -> dict[str, torch.Tensor]:
     n = (curve.shape[0] - 1) // 2
     up_i, up_r, up_res = _line_fit(curve[:n], curve[1 : n + 1] - curve[:n])
@@ -64,8 +79,7 @@ def fit_soft_bounds(curve: torch.Tensor) -> dict[str, torch.Tensor]:
     g_max, g_min = up_i / up_r, down_i / down_r
     span = g_max - g_min
     a_up, a_down = up_r * span, down_r * span
-    moved = (curve.amax(0) - curve.amin(0)) > 0
-    fitted = moved & (up_r > 0) & (down_r > 0) & (span > 0)
+    fitted = responds_to_pulses(curve) & (up_r > 0) & (down_r > 0) & (span > 0)
     mean_step = (curve[1:] - curve[:-1]).abs().mean(0).clamp(min=1e-12)
     nan = torch.tensor(float("nan"))
     return {
@@ -89,7 +103,7 @@ def characterise(tile: Tile, config: CharacterisationConfig | None = None, progr
         values = fit[name][ok]
         return {"median": float(values.median()), "mean": float(values.mean()), "std": float(values.std())}
 
-    summary = {"devices": int(ok.numel()), "fitted": int(ok.sum())}
+    summary = {"devices": int(ok.numel()), "fitted": int(ok.sum()), "not_responding": int((~ok).sum())}
     if int(ok.sum()) > 1:
         summary.update({name: stats(name) for name in ("a_up_us", "a_down_us", "g_min_us", "g_max_us", "noise_rel")})
     metadata = ResultMetadata(kind="characterisation", board=board_info or {}, tile=tile_index,
@@ -103,7 +117,10 @@ def emulator_config_from_fit(result: CalibrationResult, base: EmulatorConfig | N
     base = base or EmulatorConfig()
     s = result.metadata.summary
     if "a_up_us" not in s:
-        raise UnsafeValueError("the characterisation fitted too few devices to build a device model")
+        raise UnsafeValueError(
+            f"no device model can be fitted: {s.get('not_responding', s['devices'] - s['fitted'])} of {s['devices']} "
+            "devices did not respond to pulses beyond their read noise (stuck, or not connected)"
+        )
     steps = [s["a_up_us"], s["a_down_us"]]
     device = {
         **base.device.model_dump(),

@@ -27,6 +27,7 @@ def run_calibrate(args: argparse.Namespace) -> None:
     from cim_hil.errors import ConfigError
 
     out = Path(args.out)
+    _check_writable(out)  # before any device is pulsed or programmed
     with open_board(args.board) as board:
         if not 0 <= args.tile < len(board):
             raise ConfigError(f"--tile {args.tile} does not exist; the board has tiles 0..{len(board) - 1}")
@@ -49,3 +50,18 @@ def run_calibrate(args: argparse.Namespace) -> None:
             written.append(fitted)
             summary = {"characterisation": result.metadata.summary}
     print(json.dumps({**summary, "files": [str(p) for p in written]}, indent=2))
+
+
+def _check_writable(out) -> None:
+    """Refuse an --out that is a file or cannot be written, creating it if need be."""
+    from cim_hil.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"--out {out} cannot be written: {error.strerror or error}") from None

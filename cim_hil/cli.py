@@ -16,13 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import calibration.cli
-import cim_hil.demo
-import cim_hil.deploy.cli
-import cim_hil.nn.cli
-import cim_hil.training.cli
-import drivers.cli
-import drivers.simulators.cli
 from cim_hil.errors import CimHilError
 
 EXIT_USER_ERROR = 2
@@ -37,6 +30,16 @@ def _calibrate_references(tile):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top, so that main() is already guarding against Ctrl-C while
+    # the packages (and torch with them) load.
+    import calibration.cli
+    import cim_hil.demo
+    import cim_hil.deploy.cli
+    import cim_hil.nn.cli
+    import cim_hil.training.cli
+    import drivers.cli
+    import drivers.simulators.cli
+
     parser = argparse.ArgumentParser(prog="cim-hil", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     cim_hil.demo.register(commands)
@@ -57,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.run(args)
     except CimHilError as error:
         print(f"cim-hil: error: {error}", file=sys.stderr)

@@ -4,11 +4,13 @@ A composite board is a ``Board`` like any other: its tiles are its members' tile
 the URLs name them, so the trainer, the planner and calibration run on it unchanged: a
 reference SoC on a serial cable plus emulated tiles
 (``composite:socket://127.0.0.1:7000|emulator:?tiles=14&first_tile=4``), or several SoCs on
-several cables. Work on tiles of several members runs one tile after the other, each through
-its own backend, with the numbers each tile gives alone. Counters and link figures are kept
-per member (read from all members at once) and summed. A member that fails raises its own
-error, which names its port; the caller's host state is as that error leaves it (the trainer
-changes nothing until every device of a step is programmed).
+several cables. A group of tiles of several members splits into one group per member: each
+member runs its part with its own batched calls (the emulator's at once), and the members work
+at the same time, one thread each (a serial member waits on its line while another computes),
+with the numbers each tile gives alone. Counters and link figures are kept per member (read
+from all members at once) and summed. A member that fails raises an error naming it ("member k
+of composite board ... (its URL)"); the caller's host state is as that error leaves it (the
+trainer changes nothing until every device of a step is programmed).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import torch
+
 from cim_hil.board import Board, open_board
 from cim_hil.errors import BoardError, CimHilError
 from cim_hil.group import TileGroup
-from cim_hil.tile import Counters, Tile, TileSpec
+from cim_hil.tile import Counters, ProgramResult, Tile, TileSpec
 
 SEPARATOR = "|"
 T = TypeVar("T")
@@ -49,13 +53,14 @@ class CompositeBoard(Board):
             for tile in member.tiles:
                 tile.spec = spec
         self.members = list(members)
-        super().__init__([tile for member in self.members for tile in member.tiles], url, {"backend": "composite"})
+        super().__init__([tile for member in self.members for tile in member.tiles], url, {"backend": "composite"},
+                         group_type=CompositeGroup)
         self.member_of = {id(tile): index for index, member in enumerate(self.members) for tile in member.tiles}
         self._workers = ThreadPoolExecutor(max_workers=len(self.members), thread_name_prefix="composite-member")
 
     def group(self, tiles: Sequence[Tile]) -> TileGroup:
         """Tiles of one member run as that member's group (the emulator's at once); tiles of
-        several members one tile after the other."""
+        several members as a :class:`CompositeGroup`, one group per member."""
         members = {self.member_of.get(id(tile)) for tile in tiles}
         if len(members) == 1 and None not in members:
             return self.members[members.pop()].group(tiles)
@@ -120,6 +125,58 @@ class CompositeBoard(Board):
         self._workers.shutdown(wait=True)
         for member in self.members:
             member.close()
+
+
+class CompositeGroup(TileGroup):
+    """Tiles of several members: each member runs its entries as its own group (the emulator's
+    at once), members at the same time, and an error names the member it came from."""
+
+    def __init__(self, tiles: Sequence[Tile], board: Board | None = None) -> None:
+        super().__init__(tiles, board)
+        assert isinstance(board, CompositeBoard)
+        self.composite = board
+        owners = [board.member_of[id(tile)] for tile in self.tiles]
+        self.parts = []  # (member, the entries it runs, its group of their tiles)
+        for member in sorted(set(owners)):
+            entries = [index for index, owner in enumerate(owners) if owner == member]
+            group = board.members[member].group([self.tiles[index] for index in entries])
+            self.parts.append((member, torch.tensor(entries), group))
+
+    def _products(self, x: torch.Tensor, outputs: list[int], transpose: bool, in_range: bool) -> torch.Tensor:
+        def part(entries: torch.Tensor, group: TileGroup) -> Callable[[], torch.Tensor]:
+            widths = [outputs[index] for index in entries.tolist()]
+            return lambda: group._products(x[entries], widths, transpose, in_range)
+
+        results = self.composite.each([(member, part(entries, group)) for member, entries, group in self.parts])
+        out = torch.zeros(len(self), x.shape[1], max(outputs))
+        for (_, entries, _), result in zip(self.parts, results):
+            out[entries, :, : result.shape[2]] = result.cpu()
+        return out
+
+    def _program_places(
+        self, places: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor, tolerance_us: float,
+        max_trials: int,
+    ) -> ProgramResult:
+        per_tile = self.spec.rows * self.spec.cols
+        tile_of = places.div(per_tile, rounding_mode="floor")
+        local = torch.empty(len(self), dtype=torch.int64)  # each entry's position in its member's group
+        for _, entries, _ in self.parts:
+            local[entries] = torch.arange(len(entries))
+        calls, chosen = [], []
+        for member, entries, group in self.parts:
+            mine = torch.isin(tile_of, entries).nonzero().squeeze(1)
+            if not mine.numel():
+                continue
+            member_places = local[tile_of[mine]] * per_tile + places[mine] % per_tile
+            calls.append((member, lambda g=group, p=member_places, m=mine: g._program_places(
+                p, targets[m], reference[m], tolerance_us, max_trials)))
+            chosen.append(mine)
+        reached = torch.full(places.shape, float("nan"))
+        trials = torch.zeros(places.shape, dtype=torch.int64)
+        failed = torch.zeros(places.shape, dtype=torch.bool)
+        for mine, result in zip(chosen, self.composite.each(calls)):
+            reached[mine], trials[mine], failed[mine] = result.reached_us.cpu(), result.trials.cpu(), result.failed.cpu()
+        return ProgramResult(reached, trials, failed, tolerance_us)
 
 
 def _same_spec(a: TileSpec, b: TileSpec) -> bool:

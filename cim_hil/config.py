@@ -186,9 +186,12 @@ def load_config(path: str | Path, model: type[Model] = EmulatorConfig) -> Model:
     """Read a TOML or JSON file into ``model``, with errors that name the file and the field."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+                          f"offset {error.start})") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)

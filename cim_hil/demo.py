@@ -22,7 +22,11 @@ def run_demo(args: argparse.Namespace) -> None:
     import torch
 
     from cim_hil.board import open_board
+    from cim_hil.errors import ConfigError
     from cim_hil.tile import Capability
+
+    if args.batch < 1:
+        raise ConfigError(f"--batch must be at least 1, got {args.batch}")
 
     with open_board(args.board) as board:
         tile = board[0]

@@ -12,6 +12,7 @@ reports them.
 from __future__ import annotations
 
 import math
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -21,6 +22,8 @@ import torch
 
 from cim_hil.errors import CapabilityError, ShapeError, UnsafeValueError
 
+MAX_TRIALS = 0xFFFF  # the most write-verify trials per device one call may ask (a u16 on the wire)
+MAX_VERIFY_WORK = 1 << 23  # selected devices x max_trials one write-verify call may take: its memory
 Window = tuple[int, int, int, int]
 """A rectangle of devices, half-open: (row_start, row_stop, col_start, col_stop)."""
 
@@ -181,12 +184,16 @@ class Tile(ABC):
         counts = self._matrix(counts, "pulse counts")
         if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
             raise ShapeError(f"pulse counts must be an integer tensor, got {counts.dtype}")
-        worst = int(counts.abs().max()) if counts.numel() else 0
-        if worst > self.spec.max_pulses_per_call:
-            raise UnsafeValueError(
-                f"pulse count {worst} exceeds max_pulses_per_call "
-                f"({self.spec.max_pulses_per_call}); nothing was applied"
-            )
+        cap = self.spec.max_pulses_per_call
+        if counts.numel():
+            # Both ends, never abs(): INT_MIN (what NaN or inf become as integers) has no
+            # positive twin, and its abs() is itself.
+            lowest, highest = (int(v) for v in torch.aminmax(counts))
+            if lowest < -cap or highest > cap:
+                worst = lowest if lowest < -cap else highest
+                raise UnsafeValueError(
+                    f"pulse count {worst} exceeds max_pulses_per_call ({cap}); nothing was applied"
+                )
         return self._apply_pulses(counts.to(torch.int64))
 
     def program_verify(
@@ -246,7 +253,7 @@ class Tile(ABC):
             raise CapabilityError(f"this tile does not support '{capability}'")
 
     def _batch(self, x: torch.Tensor, width: int, what: str) -> torch.Tensor:
-        x = torch.as_tensor(x)
+        x = _real_tensor(x, what)
         if x.ndim == 1:
             x = x.unsqueeze(0)
         if x.ndim != 2 or not 1 <= x.shape[1] <= width:
@@ -258,12 +265,10 @@ class Tile(ABC):
     def _outputs(outputs: int | None, width: int) -> int:
         if outputs is None:
             return width
-        if not 1 <= int(outputs) <= width:
-            raise ShapeError(f"outputs must be between 1 and {width}, got {outputs}")
-        return int(outputs)
+        return checked_integer(outputs, "outputs", 1, width, ShapeError)
 
     def _matrix(self, values: torch.Tensor, what: str, expected: tuple[int, ...] | None = None) -> torch.Tensor:
-        values = torch.as_tensor(values)
+        values = _real_tensor(values, what)
         expected = expected or (self.spec.rows, self.spec.cols)
         if tuple(values.shape) != expected:
             raise ShapeError(f"{what} must have shape {expected}, got {tuple(values.shape)}")
@@ -272,7 +277,9 @@ class Tile(ABC):
     def _window(self, window: Window | None) -> Window:
         if window is None:
             return (0, self.spec.rows, 0, self.spec.cols)
-        r0, r1, c0, c1 = (int(v) for v in window)
+        if not isinstance(window, (tuple, list)) or len(window) != 4:
+            raise ShapeError(f"window must be (row_start, row_stop, col_start, col_stop), got {window!r}")
+        r0, r1, c0, c1 = (checked_integer(v, "a window bound", 0, 1 << 31, ShapeError) for v in window)
         if not (0 <= r0 < r1 <= self.spec.rows and 0 <= c0 < c1 <= self.spec.cols):
             raise ShapeError(
                 f"window {window} does not fit a {self.spec.rows}x{self.spec.cols} tile"
@@ -286,7 +293,15 @@ class Tile(ABC):
         targets = self._matrix(targets_us, "targets", shape).to(torch.float32)
         mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else self._matrix(mask, "mask", shape).bool()
         self._check_targets(targets[mask.to(targets.device)])
-        return (targets, mask) + self._verify_limits(tolerance_us, max_trials)
+        tolerance, trials = self._verify_limits(tolerance_us, max_trials)
+        work = int(mask.sum()) * trials
+        if work > MAX_VERIFY_WORK:
+            raise UnsafeValueError(
+                f"{int(mask.sum())} devices x max_trials {trials} = {work} device-trials exceeds the "
+                f"{MAX_VERIFY_WORK} one write-verify call may take; program fewer devices per call or "
+                "lower max_trials (nothing was programmed)"
+            )
+        return targets, mask, tolerance, trials
 
     def _check_targets(self, targets: torch.Tensor) -> None:
         low, high = self.spec.g_min_us, self.spec.g_max_us
@@ -303,13 +318,15 @@ class Tile(ABC):
             )
 
     def _verify_limits(self, tolerance_us: float | None, max_trials: int | None) -> tuple[float, int]:
-        tolerance = self.spec.default_tolerance_us if tolerance_us is None else float(tolerance_us)
-        if not tolerance > 0:
-            raise UnsafeValueError(f"tolerance_us must be positive, got {tolerance_us}")
-        trials = self.spec.default_max_trials if max_trials is None else int(max_trials)
-        if trials < 1:
-            raise UnsafeValueError(f"max_trials must be at least 1, got {max_trials}")
-        return tolerance, trials
+        try:
+            tolerance = self.spec.default_tolerance_us if tolerance_us is None else float(tolerance_us)
+        except (TypeError, ValueError):
+            raise UnsafeValueError(f"tolerance_us must be a number, got {tolerance_us!r}") from None
+        if not 0 < tolerance < math.inf:
+            raise UnsafeValueError(f"tolerance_us must be positive and finite, got {tolerance_us}")
+        if max_trials is None:
+            return tolerance, self.spec.default_max_trials
+        return tolerance, checked_integer(max_trials, "max_trials", 1, MAX_TRIALS, UnsafeValueError)
 
 
 def pad_inputs(x: torch.Tensor, start: int) -> torch.Tensor:
@@ -324,5 +341,32 @@ def pad_inputs(x: torch.Tensor, start: int) -> torch.Tensor:
 
 def require_finite(x: torch.Tensor, subject: str) -> None:
     """Refuse products of ``x`` with a NaN or infinity in it; ``subject`` starts the message."""
-    if x.numel() and not math.isfinite(x.sum().item()):  # one reduction: any NaN or inf shows in the sum
+    # One reduction shows any NaN or inf; only when it is not finite (which large but finite
+    # values can also cause, e.g. float16 or 1e38) is every element looked at.
+    if x.numel() and not math.isfinite(x.sum().item()) and not bool(torch.isfinite(x).all()):
         raise UnsafeValueError(f"{subject} NaN or infinite values")
+
+
+def checked_integer(value, name: str, low: int, high: int, error: type[Exception]) -> int:
+    """``value`` as an int in [low, high]: an integer (Python, numpy or 0-d torch), never a
+    float, bool or string silently truncated; out of range is refused before anything is sent."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        raise error(f"{name} must be an integer, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise error(f"{name} must be an integer, got {value!r}") from None
+    if not low <= number <= high:
+        raise error(f"{name} must be between {low} and {high}, got {number}")
+    return number
+
+
+def _real_tensor(values, what: str) -> torch.Tensor:
+    """``values`` as a real-valued tensor (float, integer or bool), or a clear refusal."""
+    try:
+        tensor = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        raise ShapeError(f"{what} must be a tensor of numbers, got {type(values).__name__}") from None
+    if tensor.is_complex():
+        raise ShapeError(f"{what} must be real-valued, got {tensor.dtype}")
+    return tensor

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import serial
@@ -238,6 +239,25 @@ class SerialBoard(Board):
         self.link.close()
 
 
+def _check_socket_url(url: str) -> None:
+    """A ``socket://host:port`` URL names its mistake here, not in pyserial's words."""
+    if not url.startswith("socket://"):
+        return
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or beyond 65535
+        digits = parts.netloc.rpartition(":")[2]
+        raise ConfigError(f"{url}: port {digits} is outside 1..65535" if digits.isdigit()
+                          else f"{url}: the port must be a number, got {digits!r}") from None
+    if port is None:
+        raise ConfigError(f"{url} needs a port: socket://HOST:PORT")
+    if not parts.hostname:
+        raise ConfigError(f"{url} needs a host: socket://HOST:PORT")
+    if port == 0:
+        raise ConfigError(f"{url}: port 0 is outside 1..65535")
+
+
 def open_serial_board(url: str, config: LinkConfig | None = None) -> SerialBoard:
     """The opener of the ``serial`` scheme (a bare port path has it) and of pyserial's own URL
     schemes (``socket://``, ``rfc2217://``, ``loop://``): the rest goes to ``serial_for_url``."""
@@ -246,6 +266,7 @@ def open_serial_board(url: str, config: LinkConfig | None = None) -> SerialBoard
     elif not isinstance(config, LinkConfig):
         raise ConfigError(f"a serial board takes a LinkConfig, got {type(config).__name__}")
     port_url = url.removeprefix("serial:")
+    _check_socket_url(port_url)
     try:
         port = serial.serial_for_url(
             port_url, baudrate=config.baudrate, timeout=Link.POLL_S, write_timeout=max(1.0, config.response_timeout_s)

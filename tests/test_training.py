@@ -299,13 +299,13 @@ def test_cli_train_writes_a_run_and_errors_are_one_line(tmp_path):
     assert summary["epochs"] == 1 and 0 <= summary["test_acc"] <= 1
     assert {p.name for p in out.iterdir()} >= {"metrics.jsonl", "curves.png", "checkpoint.pt"}
     bad = subprocess.run(
-        [sys.executable, "-m", "cim_hil.cli", "train", "--board", "nowhere:", "--out", str(out)],
+        [sys.executable, "-m", "cim_hil.cli", "train", "--board", "nowhere:", "--out", str(tmp_path / "other")],
         capture_output=True, text=True, timeout=300,
     )
     assert bad.returncode == 2
     assert "no driver for board URL 'nowhere:'" in bad.stderr and "Traceback" not in bad.stderr
     bad_epochs = subprocess.run(
-        [sys.executable, "-m", "cim_hil.cli", "train", "--epochs", "0", "--out", str(out)],
+        [sys.executable, "-m", "cim_hil.cli", "train", "--epochs", "0", "--out", str(tmp_path / "other")],
         capture_output=True, text=True, timeout=300,
     )
     assert bad_epochs.returncode == 2 and "epochs" in bad_epochs.stderr and "Traceback" not in bad_epochs.stderr

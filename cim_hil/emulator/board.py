@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from urllib.parse import parse_qsl
 
 import torch
@@ -30,7 +31,34 @@ def tile_generator(seed: int, index: int, device: torch.device) -> torch.Generat
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
 
 
+BYTES_PER_DEVICE = 72  # the emulator's host memory per device (state of both arrays), as measured
+
+
+def _available_memory() -> int:
+    """Bytes this machine can still give (MemAvailable), or all its memory where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits_memory(config: EmulatorConfig) -> None:
+    """Refuse a geometry the host cannot hold, before allocating any of it."""
+    soc = config.soc
+    needed, available = soc.tiles * soc.rows * soc.cols * BYTES_PER_DEVICE, _available_memory()
+    if needed > available:
+        raise ConfigError(
+            f"an emulator of {soc.tiles} tiles of {soc.rows}x{soc.cols} needs about {needed / 2**30:.3g} GiB; "
+            f"this machine has {available / 2**30:.3g} GiB available"
+        )
+
+
 def build_emulator(config: EmulatorConfig, url: str = "emulator:") -> Board:
+    check_fits_memory(config)
     torch_device = resolve_torch_device(config.torch_device)
     # Every tile's device state in one store: a layer's tiles are one slice of it.
     store = DeviceStore(config.soc.tiles, config.soc.rows, config.soc.cols, torch_device)
@@ -46,9 +74,15 @@ def build_emulator(config: EmulatorConfig, url: str = "emulator:") -> Board:
 def config_from_url(url: str, base: EmulatorConfig | None = None) -> EmulatorConfig:
     rest = url.removeprefix("emulator:").removeprefix("//")
     path, _, query = rest.partition("?")
+    if base is not None and not isinstance(base, EmulatorConfig):
+        raise ConfigError(f"the emulator takes an EmulatorConfig, got {type(base).__name__}")
     config = load_config(path) if path else (base or EmulatorConfig())
     data = config.model_dump()
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+    try:
+        options = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ConfigError(f"emulator URL options must be key=value pairs joined by '&', got {query!r}") from None
+    for key, value in options:
         if key not in QUERY_FIELDS:
             raise ConfigError(f"unknown emulator URL option {key!r}; known: {', '.join(QUERY_FIELDS)}")
         section = QUERY_FIELDS[key]

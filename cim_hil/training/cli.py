@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -35,7 +36,9 @@ def register(commands: argparse._SubParsersAction, calibrate=None) -> None:
     train.add_argument("--data-dir", help="directory with the MNIST IDX files (default: offline data)")
     train.add_argument("--download", action="store_true", help="download the IDX files into --data-dir")
     train.add_argument("--out", default="runs/lenet", help="run directory: metrics, curves, checkpoint")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out with the configuration its checkpoint holds")
+    train.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(run=run_train, calibrate=calibrate)
 
@@ -62,9 +65,11 @@ def _train_data_parallel(args: argparse.Namespace, config, data, progress: bool)
 def run_train(args: argparse.Namespace) -> None:
     """Train LeNet-5 on MNIST (mixed precision on the emulator by default); resume with --resume."""
     from cim_hil.config import load_config, validate
+    from cim_hil.errors import ConfigError
     from cim_hil.training import TrainConfig, Trainer
     from cim_hil.training.distributed import under_torchrun
     from cim_hil.training.mnist import load_mnist
+    from cim_hil.training.rundir import RunDirectory
 
     base = load_config(args.config, TrainConfig).model_dump() if args.config else {}
     flags = {
@@ -84,18 +89,28 @@ def run_train(args: argparse.Namespace) -> None:
         "host_layers": None if args.host_layers is None else (
             "auto" if args.host_layers == "auto" else [name for name in args.host_layers.split(",") if name]),
     }
-    config = validate(TrainConfig, {**base, **{k: v for k, v in flags.items() if v is not None}})
+    given = {k: v for k, v in flags.items() if v is not None}
+    progress = not args.no_progress
+    if args.resume:
+        if args.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite starts a new one: give one of them")
+        state = Trainer.read_checkpoint(args.out)
+        _refuse_conflicts(state["config"], {**base, **given}, args.out)
+        config = validate(TrainConfig, state["config"])
+    else:
+        state, config = None, validate(TrainConfig, {**base, **given})
+        if not under_torchrun() or os.environ.get("RANK", "0") == "0":  # the writing rank claims the directory
+            RunDirectory(args.out).claim(args.overwrite)  # before the data is read or a board opened
     data = load_mnist(args.data_dir, download_missing=args.download, seed=config.seed)
     print(f"data: {data.source}", file=sys.stderr)
-    progress = not args.no_progress
     if args.nproc is not None or under_torchrun():
         _train_data_parallel(args, config, data, progress)
         return
-    if args.resume:
-        trainer = Trainer.resume(args.out, data, progress, calibrate=args.calibrate)
+    if state is not None:
+        trainer = Trainer.resume(args.out, data, progress, state=state, calibrate=args.calibrate)
         print(f"resuming {args.out} after epoch {trainer.epoch}", file=sys.stderr)
     else:
-        trainer = Trainer(config, data, args.out, progress, calibrate=args.calibrate)
+        trainer = Trainer(config, data, args.out, progress, overwrite=args.overwrite, calibrate=args.calibrate)
     if trainer.placement is not None:
         print(f"placement: {trainer.placement.summary()} (in {args.out}/placement.json)", file=sys.stderr)
     history = trainer.fit(args.epochs)
@@ -103,3 +118,24 @@ def run_train(args: argparse.Namespace) -> None:
     if trainer.board is not None:
         summary["board"] = trainer.board.info()
     print(json.dumps(summary, indent=2))
+
+
+# A resumed run may be given more epochs or more patience; everything else is the run's own.
+RESUMABLE = {"epochs", "distributed_timeout_s"}
+
+
+def _refuse_conflicts(saved: dict, asked: dict, out: str) -> None:
+    """A flag (or --config field) that disagrees with the checkpoint's configuration is refused."""
+    from cim_hil.errors import ConfigError
+
+    for field, value in asked.items():
+        if field in RESUMABLE or field not in saved:
+            continue
+        if isinstance(value, dict) and isinstance(saved[field], dict):
+            _refuse_conflicts(saved[field], value, out)
+        elif value != saved[field]:
+            flag = "--float" if field == "float_baseline" else "--" + field.replace("_", "-")
+            raise ConfigError(
+                f"{flag} {value} conflicts with the run in {out}, which has {field} = {saved[field]}; a resumed run "
+                f"keeps its configuration (start a new run with --overwrite or another --out to change it)"
+            )

@@ -67,6 +67,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise CimHilError(f"{path} is not an unsigned-byte IDX file")
     dims = data[3]
+    if len(data) < 4 + 4 * dims:
+        raise CimHilError(f"{path} is truncated: its header names {dims} dimensions but holds {len(data)} bytes")
     shape = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
     if body.size != int(np.prod(shape)):
@@ -91,10 +93,16 @@ def _load_pair(directory: Path, which: str) -> Split | None:
     labels = _find(directory, FILES[f"{which}_labels"][0])
     if images is None or labels is None:
         return None
-    split = _split(read_idx(images), read_idx(labels))
-    if len(split.images) != len(split.labels):
+    pixels, classes = read_idx(images), read_idx(labels)
+    if pixels.ndim != 3 or pixels.shape[1:] != (28, 28):
+        raise CimHilError(f"{images} holds images of shape {pixels.shape[1:]}, not MNIST's 28x28")
+    if classes.ndim != 1:
+        raise CimHilError(f"{labels} is not a list of labels (shape {classes.shape})")
+    if classes.size and int(classes.max()) > 9:
+        raise CimHilError(f"{labels} holds label {int(classes.max())}; MNIST's labels are the digits 0-9")
+    if len(pixels) != len(classes):
         raise CimHilError(f"{directory}: {which} images and labels differ in count")
-    return split
+    return _split(pixels, classes)
 
 
 def download(directory: Path, timeout_s: float = 20.0) -> None:
@@ -135,6 +143,12 @@ def load_mnist(directory: str | Path | None = None, download_missing: bool = Fal
     directory = Path(directory) if directory else None
     if directory is not None and download_missing:
         download(directory)
+    if directory is not None and not directory.is_dir():
+        raise CimHilError(f"data directory {directory} does not exist (add --download to fetch MNIST into it, "
+                          "or leave it out for the offline digits)")
+    if directory is not None and not any(_find(directory, stem) for stem, _ in FILES.values()):
+        raise CimHilError(f"data directory {directory} holds none of the MNIST IDX files "
+                          f"({', '.join(stem for stem, _ in FILES.values())}, or .gz); add --download to fetch them")
     generator = torch.Generator().manual_seed(seed)
     full_train = _load_pair(directory, "train") if directory else None
     test_dirs = [d for d in (directory, SHARED_DIR) if d is not None]

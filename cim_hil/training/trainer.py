@@ -1,16 +1,17 @@
 """Train LeNet-5 on MNIST, on analog tiles with the mixed-precision updater or in float.
 
-A run directory holds ``metrics.jsonl`` (one line per epoch), ``curves.png`` and
-``checkpoint.pt``, written after every epoch by replacing the old file in one step, so a
-pulled cable or a killed process loses at most the epoch in progress. ``Trainer.resume``
-continues a run bit for bit: model, chi and optimizer state, emulated device state and every
-random stream are in the checkpoint.
+A run directory (:mod:`cim_hil.training.rundir`) holds ``checkpoint.pt``, committed durably
+after every epoch, and ``metrics.jsonl`` (one line per epoch), ``curves.png`` and
+``placement.json`` derived from it, so a pulled cable, a killed process or a full disk loses at
+most the epoch in progress. ``Trainer.resume`` continues a run bit for bit: its configuration,
+model, chi and optimizer state, emulated device state and every random stream are in the
+checkpoint. Only the writing rank touches the directory.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from cim_hil.board import Board, open_board
 from cim_hil.config import EmulatorConfig, LinkConfig, SoCConfig, Strict, validate
-from cim_hil.errors import BoardError, CimHilError, ConfigError
+from cim_hil.errors import BoardError, CimHilError, ConfigError, UnsafeValueError
 from cim_hil.nn import MappingConfig, analog_layers, convert_to_analog
 from cim_hil.nn.placement import Placement, plan_for_board, plan_placement
 from cim_hil.training.lenet import lenet5
@@ -31,14 +32,11 @@ from cim_hil.training.algorithms.build import Calibrate, build_optimizer
 from cim_hil.training.algorithms.config import MIXED_PRECISION, TRANSFER, Algorithm, AlgorithmConfig
 from cim_hil.training.distributed import World
 from cim_hil.training.plots import plot_training_curves
+from cim_hil.training.rundir import CHECKPOINT, CURVES, PLACEMENT, RunDirectory
 
-CHECKPOINT = "checkpoint.pt"
 # Raised whenever what a checkpoint's tensors mean changes. 2: convolution kernels flattened
 # channels last (``AnalogConv2d``).
 CHECKPOINT_FORMAT = 2
-METRICS = "metrics.jsonl"
-CURVES = "curves.png"
-PLACEMENT = "placement.json"  # where each layer's blocks sit, and which layers stay on the host
 EVAL_BATCH = 500
 
 
@@ -47,7 +45,7 @@ class TrainConfig(Strict):
     float_baseline: bool = Field(False, description="train in float32 on the host instead")
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(3e-3, gt=0.0, description="3e-3: the mixed-precision updater needs updates that reach epsilon")
+    lr: float = Field(3e-3, gt=0.0, allow_inf_nan=False, description="3e-3: the mixed-precision updater needs updates that reach epsilon")
     rule: Literal["sgd", "adam"] = "adam"
     seed: int = Field(0, ge=0)
     train_limit: int | None = Field(None, ge=1, description="use only the first N training digits")
@@ -90,6 +88,10 @@ class TrainConfig(Strict):
         raise ValueError(f"algorithm {self.algorithm} programs by pulses: set mapping.programming = 'pulses'")
 
 
+class TrainingDiverged(CimHilError):
+    """The weights or the loss stopped being finite: the learning rate is too high."""
+
+
 def open_board_for(model: torch.nn.Module, url: str, pack: bool | None = None,
                    host_layers: list[str] | str = (), link: LinkConfig | None = None, copies: int = 1) -> Board:
     """Open ``url``; a bare emulator URL gets exactly the tiles the model needs (packed if
@@ -113,7 +115,8 @@ class Trainer:
     """One training run of LeNet-5 on ``data`` as ``config`` says, writing into ``out_dir``:
     the board it opens, the analog model and its mixed-precision optimizer (or the float
     baseline), the epochs done and their metrics. ``fit`` trains and checkpoints after every
-    epoch; ``resume`` picks a run up from its checkpoint. ``progress`` shows a bar per epoch.
+    epoch; ``resume`` picks a run up from its checkpoint; a new run needs an empty ``out_dir`` (or
+    ``overwrite=True``). ``progress`` shows a bar per epoch.
     ``world``: this process's place among data-parallel ranks (``cim_hil.training.distributed``);
     alone by default, where every collective is the identity. ``calibrate`` zero-shifts one tile
     (``calibration.calibrate_references``): what TTv2 and c-TTv2 need for A, and
@@ -121,7 +124,14 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, data: MNIST, out_dir: str | Path, progress: bool = True,
-                 world: World | None = None, calibrate: Calibrate | None = None) -> None:
+                 world: World | None = None, overwrite: bool = False, calibrate: Calibrate | None = None) -> None:
+        if (world or World()).writer:
+            RunDirectory(out_dir).claim(overwrite)  # before any board is opened or programmed
+        self._build(config, data, out_dir, progress, world, calibrate)
+
+    def _build(self, config: TrainConfig, data: MNIST, out_dir: str | Path, progress: bool,
+               world: World | None, calibrate: Calibrate | None = None) -> None:
+        self.run_dir = RunDirectory(out_dir)
         self.config = config
         self.world = world or World()
         self.data = MNIST(data.train.head(config.train_limit), data.test.head(config.test_limit), data.source)
@@ -164,10 +174,7 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, epochs: int | None = None) -> list[dict]:
         """Train up to ``epochs`` (default: the config's) epochs in total, resuming where left."""
-        writer = self.world.writer
-        if writer:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.placement is not None and writer:
+        if self.placement is not None and self.world.writer:  # known before any epoch, and shown to users
             (self.out_dir / PLACEMENT).write_text(json.dumps(self.placement.as_dict(), indent=2))
         for _ in range(self.epoch, epochs or self.config.epochs):
             try:
@@ -178,11 +185,8 @@ class Trainer:
             row.update(self.evaluate())
             self.epoch += 1
             self.history.append(row)
-            self.save_checkpoint()
-            if writer:
-                with open(self.out_dir / METRICS, "a") as stream:
-                    stream.write(json.dumps(row) + "\n")
-                plot_training_curves(self.history, self.out_dir / CURVES, self._title())
+            self.save_checkpoint()  # the commit point: what follows is derived from it
+            self._write_derived()
         return self.history
 
     def _train_epoch(self) -> dict:
@@ -194,12 +198,18 @@ class Trainer:
         programmed, loss_sum, correct = 0, 0.0, 0
         start = time.perf_counter()
         bar = self._bar(len(order), f"epoch {self.epoch + 1}/{self.config.epochs}")
-        for first in range(0, len(order), size):
+        for step, first in enumerate(range(0, len(order), size), 1):
             chosen = order[first : first + size]
             images, labels = train.images[chosen], train.labels[chosen]
             self.optimizer.zero_grad()
-            logits = self.model(images)
+            try:
+                logits = self.model(images)
+            except UnsafeValueError:  # a NaN or inf reached an analog layer's inputs
+                self._check_diverged(step)
+                raise
             loss = F.cross_entropy(logits, labels)
+            if not math.isfinite(loss.item()):
+                self._check_diverged(step, loss.item())
             loss.backward()
             self.world.average_gradients(list(self.model.parameters()))
             self.optimizer.step()
@@ -234,6 +244,18 @@ class Trainer:
                 **self.optimizer.write_statistics(),
             )
         return row
+
+    def _check_diverged(self, step: int, loss: float | None = None) -> None:
+        """Raise :class:`TrainingDiverged` naming the step when the weights (or the loss) are no
+        longer finite; the checkpoint still holds the last epoch that ended well."""
+        broken = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if loss is None and not broken:
+            return
+        what = f"the loss is {loss}" if loss is not None else f"{', '.join(broken[:3])} became NaN or infinite"
+        raise TrainingDiverged(
+            f"training diverged in epoch {self.epoch + 1} at step {step} (batch size {self.config.batch_size}, "
+            f"lr {self.config.lr}): {what}; lower the learning rate"
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -300,37 +322,45 @@ class Trainer:
             "rank_boards": boards,
             "shuffle": self.shuffle.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "data_source": self.data.source,
         }
-        path = self.out_dir / CHECKPOINT
-        partial = path.with_suffix(".part")
-        torch.save(state, partial)
-        os.replace(partial, path)  # one step: the old checkpoint stays whole until the new one is
-        return path
+        return self.run_dir.commit(state, self.epoch)
+
+    def _write_derived(self) -> None:
+        if not self.world.writer:
+            return
+        self.run_dir.write_metrics(self.history)
+        plot_training_curves(self.history, self.out_dir / CURVES, self._title())
+
+    @staticmethod
+    def read_checkpoint(out_dir: str | Path) -> dict:
+        """The committed state of the run in ``out_dir``, checked to be one this version reads."""
+        state = RunDirectory(out_dir).load()
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CimHilError(f"checkpoint {Path(out_dir) / CHECKPOINT} was written by another version of cim-hil "
+                              f"(format {state.get('format', 1)}, this one reads {CHECKPOINT_FORMAT}); start a new run")
+        return state
 
     @classmethod
     def resume(cls, out_dir: str | Path, data: MNIST, progress: bool = True, world: World | None = None,
-               calibrate: Calibrate | None = None) -> "Trainer":
-        """The run in ``out_dir`` from its checkpoint; ``calibrate`` as for a new run, used only
-        on hardware whose state the checkpoint does not hold (an emulator's state comes back
-        whole, calibrated references with it)."""
+               state: dict | None = None, calibrate: Calibrate | None = None) -> "Trainer":
+        """Continue the run in ``out_dir`` with the configuration its checkpoint holds;
+        ``calibrate`` as for a new run, used only on hardware whose state the checkpoint does
+        not hold (an emulator's state comes back whole, calibrated references with it)."""
+        state = state if state is not None else cls.read_checkpoint(out_dir)
         path = Path(out_dir) / CHECKPOINT
-        if not path.is_file():
-            raise CimHilError(f"no checkpoint to resume from at {path}")
-        try:
-            state = torch.load(path, weights_only=False)
-        except Exception as error:  # a damaged file is a user-facing problem, not a traceback
-            raise CimHilError(f"checkpoint {path} cannot be read: {error}") from None
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CimHilError(f"checkpoint {path} was written by another version of cim-hil (format "
-                              f"{state.get('format', 1)}, this one reads {CHECKPOINT_FORMAT}); start a new run")
+        if state.get("data_source", data.source) != data.source:
+            raise ConfigError(f"the run in {out_dir} trained on {state['data_source']}, not on {data.source}; "
+                              "give it the same --data-dir")
         world = world or World()
         boards = state.get("rank_boards", [state["board"]])
         if len(boards) != world.size:
             raise CimHilError(f"checkpoint {path} was written by {len(boards)} rank(s); resume it with as many, "
                               f"not {world.size}")
         restored = all(board is not None for board in boards)
-        trainer = cls(validate(TrainConfig, state["config"]), data, out_dir, progress, world,
-                      (lambda tile: None) if restored else calibrate)
+        trainer = cls.__new__(cls)  # the directory is this run's already: no claim
+        trainer._build(validate(TrainConfig, state["config"]), data, out_dir, progress, world,
+                       (lambda tile: None) if restored else calibrate)
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         if trainer.board is not None:
@@ -342,4 +372,5 @@ class Trainer:
         trainer.shuffle.set_state(state["shuffle"])
         torch.set_rng_state(state["torch_rng"])
         trainer.epoch, trainer.history = state["epoch"], state["history"]
+        trainer._write_derived()  # a crash after the last commit may have left them behind it
         return trainer

@@ -96,7 +96,6 @@ class _TcpLine:
         self.connection: socket.socket | None = None
         self._waiting: dict[socket.socket, tuple[FrameDecoder, float]] = {}
         self._on_host, self._busy_answer = on_host, busy_answer
-        self.hosts_served = self.hosts_refused = self.hosts_lost = 0
 
     def wait_readable(self, timeout: float) -> bool:
         watched = [self.listener, *self._waiting, *([self.connection] if self.connection else [])]
@@ -135,7 +134,6 @@ class _TcpLine:
     def _begin_session(self, sock: socket.socket) -> None:
         sock.settimeout(self.SEND_TIMEOUT_S)
         self.connection = sock
-        self.hosts_served += 1
         self._on_host()
 
     def _accept(self, now: float) -> None:
@@ -147,16 +145,18 @@ class _TcpLine:
             if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 return  # out of descriptors: it stays in the backlog until some close
             raise
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # reset between accept and here
+            sock.close()
+            return
         if self._served_host_gone():
             self._begin_session(sock)
         elif len(self._waiting) < self.MAX_WAITING:
             sock.setblocking(False)
             self._waiting[sock] = (FrameDecoder(), now + self.WAITING_S)
-            self.hosts_refused += 1
         else:
             sock.close()  # too many waiting already: closed at once
-            self.hosts_refused += 1
 
     def _answer_waiting(self, sock: socket.socket) -> None:
         decoder, _ = self._waiting[sock]
@@ -189,7 +189,6 @@ class _TcpLine:
         try:
             self.connection.sendall(data)
         except OSError:  # broken pipe, reset, or a host that stopped reading
-            self.hosts_lost += 1
             self._end_session()
 
     def _end_session(self) -> None:
