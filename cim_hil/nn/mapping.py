@@ -21,7 +21,7 @@ from cim_hil.errors import CapabilityError, ConfigError
 from cim_hil.layer_products import Convolution, LayerCut, layer_products, unroll
 from cim_hil.group import TileGroup
 from cim_hil.nn.config import MappingConfig
-from cim_hil.tile import Capability, averaged_read, require_finite
+from cim_hil.tile import Capability, Tile, averaged_read, require_finite
 
 
 class LevelWrite:
@@ -220,11 +220,12 @@ class TileMapping:
                            previous.reshape(-1) if previous is not None else None)
         return write.run().view_as(levels)
 
-    def program_pulses(self, counts: torch.Tensor) -> torch.Tensor:
-        """Apply signed pulse counts (out, in); returns the counts the tiles applied."""
+    def program_pulses(self, counts: torch.Tensor, tiles: list[Tile] | None = None) -> torch.Tensor:
+        """Apply signed pulse counts (out, in); returns the counts the tiles applied. ``tiles``:
+        other tiles laid out as this mapping's (a Tiki-Taka fast array beside them), else its own."""
         stacked = self._to_tiles(counts, 0)
         applied = torch.zeros_like(stacked)
-        for index, tile in enumerate(self.tiles):
+        for index, tile in enumerate(self.tiles if tiles is None else tiles):
             if stacked[index].any():
                 applied[index] = tile.apply_pulses(stacked[index]).cpu()
         return self._from_tiles(applied)

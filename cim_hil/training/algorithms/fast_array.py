@@ -37,13 +37,7 @@ class FastArray:
 
     def apply_pulses(self, counts: torch.Tensor) -> torch.Tensor:
         """Signed pulse counts (out, in) on A's devices; returns what the tiles applied."""
-        mapping = self.layer.mapping
-        stacked = mapping._to_tiles(counts, 0)
-        applied = torch.zeros_like(stacked)
-        for index, tile in enumerate(self.tiles):
-            if stacked[index].any():
-                applied[index] = tile.apply_pulses(stacked[index]).cpu()
-        return mapping._from_tiles(applied)
+        return self.layer.mapping.program_pulses(counts, self.tiles)
 
     def read_columns(self, columns: list[int]) -> torch.Tensor:
         """One read (uS) of A's columns ``columns``: (out, len(columns)). Input k's weights sit
