@@ -251,7 +251,8 @@ class SerialBoard(Board):
     def __init__(self, tiles: list[SerialTile], url: str, link: Link, info: m.Info) -> None:
         firmware = f"{info.firmware_major}.{info.firmware_minor}.{info.firmware_patch}"
         super().__init__(tiles, url, {"backend": "serial", "firmware": firmware, "protocol_version": info.protocol_version,
-                                      "clock_hz": info.clock_hz, "baudrate": link.config.baudrate},
+                                      "clock_hz": info.clock_hz, "baudrate": link.config.baudrate,
+                                      "windows": bool(info.capabilities & m.WINDOWS_BIT)},
                          group_type=SerialGroup)
         self.link = link
 
