@@ -126,10 +126,13 @@ class TileGroup:
             result[index, :, :width] = product(inputs, width).cpu()
         return result
 
-    def _layer_products(self, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None) -> torch.Tensor:
+    def _layer_products(
+        self, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None,
+        origins: list[tuple[int, int]] | None,
+    ) -> torch.Tensor:
         """The backend hook for a whole layer's checked products (see ``layer_products``): the
         plain version cuts the patches on the host and runs the group's products."""
-        return products_of_blocks(self, cut, codes, convolution)
+        return products_of_blocks(self, cut, codes, convolution, origins)
 
     # ---- programming ----------------------------------------------------------------------
     def program_verify(

@@ -10,6 +10,9 @@ image once instead of every patch, and one set of summed outputs per layer comes
 plain version here, which any group of tiles gets, cuts the patches on the host with
 :func:`unroll` and runs the group's products; the emulator and the reference firmware use the
 same :func:`unroll`, so host-cut and board-cut patches give the same numbers.
+
+A layer whose blocks are packed beside other layers' blocks names each block's ``origins``
+(row, col) on its tile: each block then runs on its window (``TileGroup.forward(windows=)``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,22 @@ class LayerCut:
         """How many outputs each tile converts, in tile order."""
         widths = [min(cols, self.out_features - block * cols) for block in range(self.col_blocks)]
         return widths * self.row_blocks
+
+    def windows(self, origins: list[tuple[int, int]], rows: int, cols: int) -> list[tuple[int, int, int, int]]:
+        """Each block's window (row_start, row_stop, col_start, col_stop) at its origin, in tile
+        order; a block that would pass its tile's edge is refused."""
+        if len(origins) != self.tiles:
+            raise ShapeError(f"{self.tiles} blocks need one origin each, got {len(origins)}")
+        heights = [min(rows, self.in_features - block * rows) for block in range(self.row_blocks)]
+        widths = self.outputs(cols)
+        windows = []
+        for index, ((row, col), width) in enumerate(zip(origins, widths)):
+            height = heights[index // self.col_blocks]
+            if not (0 <= row and row + height <= rows and 0 <= col and col + width <= cols):
+                raise ShapeError(f"block {index} ({height}x{width}) at origin ({row}, {col}) passes the edge of "
+                                 f"the {rows}x{cols} tile")
+            windows.append((row, row + height, col, col + width))
+        return windows
 
 
 @dataclass(frozen=True)
@@ -146,7 +165,8 @@ def sum_row_blocks(outputs: torch.Tensor, cut: LayerCut) -> torch.Tensor:
 
 
 def layer_products(
-    group: TileGroup, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None = None
+    group: TileGroup, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None = None,
+    origins: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Output currents (uA) of a layer's forward products, (n, out_features), its row blocks
     summed: one row per sample of ``codes`` (n, in_features), or with ``convolution`` one per
@@ -154,6 +174,7 @@ def layer_products(
     output positions.
 
     ``codes`` are the DAC's signed input codes (whole numbers within +-(2^(input_bits-1) - 1)).
+    ``origins``: each block's corner (row, col) on its tile, for blocks packed into windows.
     A batch larger than CODES_PER_CALL allows runs as several calls of whole samples.
     """
     group._require(Capability.ANALOG_PRODUCTS)
@@ -172,6 +193,9 @@ def layer_products(
         if codes.ndim != 4 or tuple(codes.shape[1:]) != expected or convolution.patch_size != cut.in_features:
             raise ShapeError(f"convolution inputs must have shape (batch, {', '.join(map(str, expected))}) and "
                              f"patches of {cut.in_features} codes, got {tuple(codes.shape)}")
+    if origins is not None:
+        origins = [(int(row), int(col)) for row, col in origins]
+        cut.windows(origins, spec.rows, spec.cols)
     top = 2 ** (spec.input_bits - 1) - 1
     if codes.numel():
         lowest, highest = torch.aminmax(codes)
@@ -184,15 +208,24 @@ def layer_products(
                      cut.out_features * (math.prod(convolution.out_size) if convolution is not None else 1))
     part = max(1, CODES_PER_CALL // per_sample)
     if len(codes) <= part:
-        return run(cut, codes, convolution)
-    return torch.cat([run(cut, codes[start : start + part], convolution) for start in range(0, len(codes), part)])
+        return run(cut, codes, convolution, origins)
+    return torch.cat([run(cut, codes[start : start + part], convolution, origins)
+                      for start in range(0, len(codes), part)])
 
 
-def products_of_blocks(group: TileGroup, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None) -> torch.Tensor:
+def products_of_blocks(
+    group: TileGroup, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None,
+    origins: list[tuple[int, int]] | None = None,
+) -> torch.Tensor:
     """The plain version: patches cut on the host, the group's products (inputs in range by
-    construction), the row blocks' currents summed on the host."""
+    construction; each block on its window where ``origins`` are given), the row blocks'
+    currents summed on the host."""
     spec = group.spec
     inputs = unroll(codes, convolution, by_column=cut.row_blocks == 1) if convolution is not None else codes
     fractions = block_inputs(inputs, cut, spec.rows) / (2 ** (spec.input_bits - 1) - 1)
-    currents = group._products(fractions, cut.outputs(spec.cols), False, in_range=True)
+    outputs = cut.outputs(spec.cols)
+    if origins is None:
+        currents = group._products(fractions, outputs, False, in_range=True)
+    else:
+        currents = group._products_on(fractions, outputs, False, True, cut.windows(origins, spec.rows, spec.cols))
     return sum_row_blocks(currents, cut)

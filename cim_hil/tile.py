@@ -165,10 +165,17 @@ class Tile(ABC):
         what = "backward input" if transpose else "forward input"
         x = self._batch(x, rows - start, what + f" at origin {tuple(origin)}" if start else what)
         width = self._outputs(outputs if outputs is not None else cols - first, cols - first)
-        product = self._backward if transpose else self._forward
         if not (start or first):
-            return product(x, width)
-        return product(pad_inputs(x, start), first + width)[:, first:]
+            return (self._backward if transpose else self._forward)(x, width)
+        return self._window_product(x, width, (int(origin[0]), int(origin[1])), transpose)
+
+    def _window_product(self, x: torch.Tensor, outputs: int, origin: tuple[int, int], transpose: bool) -> torch.Tensor:
+        """The backend hook for a checked product on the window at ``origin`` (row, col). The
+        plain version is the product with zeros before the window, its outputs before the
+        window dropped; a board whose firmware takes a window sends it instead."""
+        start, first = (origin[1], origin[0]) if transpose else origin
+        product = self._backward if transpose else self._forward
+        return product(pad_inputs(x, start), first + outputs)[:, first:]
 
     def set_adc_range(self, full_scale_ua: float | None, transpose: bool = False) -> float:
         """Set the full scale (uA) of the ADC that converts this tile's forward (or transpose)
@@ -355,7 +362,8 @@ def pad_inputs(x: torch.Tensor, start: int) -> torch.Tensor:
     """``x`` (batch, k) on lines start..start+k-1 of a product: the ``start`` lines before it
     driven with zeros, i.e. held at 0 V. A window's product is this padded product with the
     outputs before the window dropped, on every backend, so a virtual board and the emulator
-    agree on it to the bit; a board whose firmware takes a window saves the padding's bytes."""
+    agree on it to the bit; a board whose firmware takes a window (protocol v3's windows, SPEC.md
+    §8.5) is sent the window instead, and computes the same."""
     padded = x.new_zeros(x.shape[0], start + x.shape[1])
     padded[:, start:] = x
     return padded

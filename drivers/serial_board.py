@@ -48,6 +48,8 @@ class SerialTile(Tile):
         self._input_dtype = np.int8 if info.input_bits <= 8 else np.int16
         # What one output code stands for, forward and transposed: INFO's, until SET_ADC_RANGE.
         self.lsbs_ua = [info.forward_lsb_ua, info.backward_lsb_ua]
+        # Whether the firmware reads windows (SPEC.md §8.5); without, a window goes as padding.
+        self.windows = bool(info.capabilities & m.WINDOWS_BIT)
 
     @property
     def counters(self) -> Counters:
@@ -60,16 +62,20 @@ class SerialTile(Tile):
         )
 
     # ---- products -------------------------------------------------------------------------
-    def _products(self, x: torch.Tensor, transpose: bool, outputs: int) -> torch.Tensor:
+    def _products(
+        self, x: torch.Tensor, transpose: bool, outputs: int, origin: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """FORWARDs of ``x``, on the window at ``origin`` (row, col) if given (SPEC.md §8.5)."""
         codes = input_codes(x.to(torch.float32), self.spec.input_bits).numpy().astype(self._input_dtype)
         lsb = self.lsbs_ua[transpose]
         # Both the request and its reply must fit MAX_MESSAGE (SPEC.md §2).
         out_bytes = 1 if self.spec.output_bits <= 8 else 2
-        per_request = max(1, min(MAX_BATCH, (m.MAX_MESSAGE - 8) // (codes.shape[1] * codes.itemsize),
+        head = 8 if origin is None else 12
+        per_request = max(1, min(MAX_BATCH, (m.MAX_MESSAGE - head) // (codes.shape[1] * codes.itemsize),
                                  (m.MAX_MESSAGE - 6) // (outputs * out_bytes)))
         parts = []
         for start in range(0, max(len(codes), 1), per_request):
-            request = m.Forward(self.index, transpose, codes[start : start + per_request], outputs)
+            request = m.Forward(self.index, transpose, codes[start : start + per_request], outputs, origin)
             reply = self.link.request(request, m.Products)
             parts.append(torch.from_numpy(reply.codes.astype(np.float32)) * lsb)
         return torch.cat(parts)
@@ -79,6 +85,11 @@ class SerialTile(Tile):
 
     def _backward(self, d: torch.Tensor, outputs: int) -> torch.Tensor:
         return self._products(d.cpu(), True, outputs)
+
+    def _window_product(self, x: torch.Tensor, outputs: int, origin: tuple[int, int], transpose: bool) -> torch.Tensor:
+        if not self.windows:
+            return super()._window_product(x, outputs, origin, transpose)
+        return self._products(x.cpu(), transpose, outputs, origin)
 
     def _set_adc_range(self, full_scale_ua: float | None, transpose: bool) -> float:
         """One SET_ADC_RANGE; the LSB the board answers converts this tile's codes from then on."""
@@ -138,13 +149,36 @@ class SerialGroup(TileGroup):
 
     tiles: tuple[SerialTile, ...]
 
-    def _layer_products(self, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None) -> torch.Tensor:
+    def _windowed(self) -> bool:
+        """Whether the group's tiles share one link to a board that reads windows."""
+        first = self.tiles[0]
+        return all(tile.link is first.link and tile.windows for tile in self.tiles)
+
+    def _products_on(
+        self, x: torch.Tensor, outputs: list[int], transpose: bool, in_range: bool, windows: list[Window] | None,
+    ) -> torch.Tensor:
+        """Blocks on windows go as FORWARDs that name their windows, where the board reads
+        them (SPEC.md §8.5): only each window's inputs travel, only its outputs come back."""
+        if windows is None or not self._windowed():
+            return super()._products_on(x, outputs, transpose, in_range, windows)
+        out = torch.zeros(len(self), x.shape[1], max(outputs))
+        for index, (tile, inputs, width, (r0, r1, c0, c1)) in enumerate(zip(self.tiles, x, outputs, windows)):
+            driven = (c1 - c0) if transpose else (r1 - r0)
+            out[index, :, :width] = tile._products(inputs[:, :driven], transpose, width, (r0, c0))
+        return out
+
+    def _layer_products(
+        self, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None,
+        origins: list[tuple[int, int]] | None,
+    ) -> torch.Tensor:
         """One LAYER_FORWARD: each sample (or image) sent once, as compact codes; the board cuts
-        the patches and sums the row blocks' codes, so one set of outputs comes back."""
+        the patches and sums the row blocks' codes, so one set of outputs comes back. Blocks
+        packed beside others name their origins, where the board reads windows."""
         tiles = self.tiles
         first = tiles[0]
-        if any(tile.link is not first.link or tile.lsbs_ua[0] != first.lsbs_ua[0] for tile in tiles):
-            return products_of_blocks(self, cut, codes, convolution)  # (the board sums codes of one LSB only)
+        if (any(tile.link is not first.link or tile.lsbs_ua[0] != first.lsbs_ua[0] for tile in tiles)
+                or (origins is not None and not self._windowed())):  # (the board sums codes of one LSB only)
+            return products_of_blocks(self, cut, codes, convolution, origins)
         spec, lsb = first.spec, first.lsbs_ua[0]
         in_format = CodeFormat.I8_ZERO_RUNS if spec.input_bits <= 8 else CodeFormat.I16
         out_format = CodeFormat.I8_ESCAPED  # sums of the row blocks may pass one byte; most do not
@@ -156,10 +190,11 @@ class SerialGroup(TileGroup):
             codes = codes.permute(0, 2, 3, 1) if channels_last else codes
         wire = codes.reshape(len(codes), -1).numpy().astype(np.int16)
         tile_indices = np.array([tile.index for tile in tiles], dtype=np.uint16)
+        corners = np.array(origins, dtype=np.uint16) if origins is not None else None
         parts = []
         for start in range(0, max(len(wire), 1), MAX_BATCH):
             request = m.LayerForward(int(in_format), int(out_format), cut.row_blocks, cut.col_blocks, cut.in_features,
-                                     cut.out_features, tile_indices, geometry, wire[start : start + MAX_BATCH])
+                                     cut.out_features, tile_indices, geometry, wire[start : start + MAX_BATCH], corners)
             rows = len(request.codes) * (math.prod(convolution.out_size) if convolution is not None else 1)
             reply = first.link.request(request, m.LayerProducts, reply_size=8 + rows * cut.out_features)
             parts.append(torch.from_numpy(reply.codes.astype(np.float32)) * lsb)
@@ -229,7 +264,8 @@ class SerialBoard(Board):
     def __init__(self, tiles: list[SerialTile], url: str, link: Link, info: m.Info) -> None:
         firmware = f"{info.firmware_major}.{info.firmware_minor}.{info.firmware_patch}"
         super().__init__(tiles, url, {"backend": "serial", "firmware": firmware, "protocol_version": info.protocol_version,
-                                      "clock_hz": info.clock_hz, "baudrate": link.config.baudrate},
+                                      "clock_hz": info.clock_hz, "baudrate": link.config.baudrate,
+                                      "windows": bool(info.capabilities & m.WINDOWS_BIT)},
                          group_type=SerialGroup)
         self.link = link
 

@@ -42,6 +42,13 @@ class CapabilityBit(IntEnum):
     adc_range = 0x40  # SET_ADC_RANGE (SPEC.md §8.6)
 
 
+# INFO.capabilities bit 5: the board reads windows (SPEC.md §8.5). A feature of the firmware,
+# not of a tile, so it has no Capability of the Tile interface; a host sends a window only to
+# a board that sets it (a board without it ignores the bits and bytes that name one).
+WINDOWS_BIT = 0x20
+FORWARD_WINDOW = 0x02  # FORWARD flags bit 1: an origin (u16 row, u16 col) follows the header
+
+
 REGISTRY: dict[int, type["Message"]] = {}
 
 
@@ -154,6 +161,8 @@ class Info(Message):
 
 _PRODUCT_HEAD = struct.Struct("<BBBxH")  # tile, flags, code_bytes, pad, batch
 _FORWARD_HEAD = struct.Struct("<BBBxHH")  # the same, then outputs
+_ORIGIN = struct.Struct("<HH")  # a window's corner: row, col (SPEC.md §8.5)
+_WINDOWED_HEAD = struct.Struct("<BBBxHHHH")  # FORWARD's header, then the origin
 
 
 def _codes_bytes(message: Message) -> bytes:
@@ -176,23 +185,38 @@ def _codes_from(payload: bytes, head: struct.Struct, code_bytes: int, batch: int
 @dataclass(frozen=True, eq=False)
 class Forward(Message):
     """A batch of signed input codes (batch, width) driving the first ``width`` inputs, and how
-    many of the first outputs to convert; transpose=True runs the transposed array."""
+    many of the first outputs to convert; transpose=True runs the transposed array.
+
+    ``origin`` (row, col) runs it on the window at that corner instead (SPEC.md §8.5): the
+    codes drive inputs from the window's first (row, or column when transposed) and the
+    outputs are converted from its first column (row), so no padding travels."""
 
     TYPE = 0x02
     tile: int
     transpose: bool
     codes: np.ndarray
     outputs: int
+    origin: tuple[int, int] | None = None
 
     def encode(self) -> bytes:
         body = _codes_bytes(self)
-        head = _FORWARD_HEAD.pack(self.tile, int(self.transpose), self.codes.dtype.itemsize, self.codes.shape[0], self.outputs)
-        return head + body
+        flags = int(self.transpose) | (FORWARD_WINDOW if self.origin is not None else 0)
+        head = _FORWARD_HEAD.pack(self.tile, flags, self.codes.dtype.itemsize, self.codes.shape[0], self.outputs)
+        if self.origin is None:
+            return head + body
+        try:
+            return head + _ORIGIN.pack(*self.origin) + body
+        except struct.error as error:
+            raise ProtocolError(f"Forward: origin {self.origin}: {error}") from None
 
     @classmethod
     def decode(cls, payload: bytes) -> Forward:
         tile, flags, code_bytes, batch, outputs = _head(_FORWARD_HEAD, payload, cls.__name__)
-        return cls(tile, bool(flags & 1), _codes_from(payload, _FORWARD_HEAD, code_bytes, batch, cls.__name__), outputs)
+        if not flags & FORWARD_WINDOW:
+            return cls(tile, bool(flags & 1), _codes_from(payload, _FORWARD_HEAD, code_bytes, batch, cls.__name__), outputs)
+        head = _WINDOWED_HEAD
+        row, col = _head(head, payload, cls.__name__)[-2:]
+        return cls(tile, bool(flags & 1), _codes_from(payload, head, code_bytes, batch, cls.__name__), outputs, (row, col))
 
 
 @dataclass(frozen=True, eq=False)
@@ -596,7 +620,7 @@ class Geometry:
         return self.channels * self.height * self.width
 
 
-_LAYER_HEAD = struct.Struct("<BBBBHHHBx")  # in_format, out_format, row_blocks, col_blocks, in, out, batch, convolution
+_LAYER_HEAD = struct.Struct("<BBBBHHHBB")  # in_format, out_format, row_blocks, col_blocks, in, out, batch, convolution, windows
 
 
 @dataclass(frozen=True, eq=False)
@@ -607,7 +631,8 @@ class LayerForward(Message):
 
     ``tiles`` (row_blocks x col_blocks, row-major): block (r, c) holds inputs r x rows.. and
     outputs c x cols... ``codes`` (batch, width) int16: width is in_features, or the image's
-    C x H x W codes in the geometry's channel order.
+    C x H x W codes in the geometry's channel order. ``origins`` (blocks, 2) uint16, if given:
+    each block's corner (row, col) on its tile, for blocks packed beside others (SPEC.md §8.5).
     """
 
     TYPE = 0x0B
@@ -620,6 +645,7 @@ class LayerForward(Message):
     tiles: np.ndarray
     geometry: Geometry | None
     codes: np.ndarray
+    origins: np.ndarray | None = None
 
     def encode(self) -> bytes:
         codes = np.asarray(self.codes)
@@ -628,24 +654,37 @@ class LayerForward(Message):
         width = self.geometry.image_size if self.geometry is not None else self.in_features
         if codes.shape[1] != width:
             raise ProtocolError(f"LayerForward: each sample must have {width} codes, got {codes.shape[1]}")
-        if len(self.tiles) != self.row_blocks * self.col_blocks:
+        blocks = self.row_blocks * self.col_blocks
+        if len(self.tiles) != blocks:
             raise ProtocolError(f"LayerForward: {self.row_blocks}x{self.col_blocks} blocks need as many tiles, got {len(self.tiles)}")
-        tiles = np.ascontiguousarray(self.tiles, dtype="<u2")
+        if self.origins is None:
+            spots = np.ascontiguousarray(self.tiles, dtype="<u2")
+        else:
+            if np.shape(self.origins) != (blocks, 2):
+                raise ProtocolError(f"LayerForward: {blocks} blocks need one origin (row, col) each, got shape "
+                                    f"{np.shape(self.origins)}")
+            spots = np.column_stack([self.tiles, self.origins]).astype("<u2")
         head = _LAYER_HEAD.pack(self.in_format, self.out_format, self.row_blocks, self.col_blocks, self.in_features,
-                                self.out_features, codes.shape[0], int(self.geometry is not None))
+                                self.out_features, codes.shape[0], int(self.geometry is not None),
+                                int(self.origins is not None))
         geometry = self.geometry.encode() if self.geometry is not None else b""
-        return head + tiles.tobytes() + geometry + encode_codes(codes, code_format(self.in_format, "LayerForward"))
+        return head + spots.tobytes() + geometry + encode_codes(codes, code_format(self.in_format, "LayerForward"))
 
     @classmethod
     def decode(cls, payload: bytes) -> "LayerForward":
-        in_format, out_format, row_blocks, col_blocks, inputs, outputs, batch, convolution = _head(
+        in_format, out_format, row_blocks, col_blocks, inputs, outputs, batch, convolution, windows = _head(
             _LAYER_HEAD, payload, "LayerForward")
         if convolution not in (0, 1):
             raise PayloadError(f"LayerForward: convolution flag {convolution} is neither 0 nor 1")
-        offset = _LAYER_HEAD.size + 2 * row_blocks * col_blocks
+        if windows not in (0, 1):
+            raise PayloadError(f"LayerForward: windows flag {windows} is neither 0 nor 1")
+        blocks = row_blocks * col_blocks
+        per_block = 3 if windows else 1  # u16 tile, and with windows u16 row, u16 col
+        offset = _LAYER_HEAD.size + 2 * per_block * blocks
         if len(payload) < offset:
-            raise PayloadError(f"LayerForward: payload ends inside the list of {row_blocks * col_blocks} tiles")
-        tiles = np.frombuffer(payload, "<u2", row_blocks * col_blocks, _LAYER_HEAD.size).astype(np.uint16)
+            raise PayloadError(f"LayerForward: payload ends inside the list of {blocks} tiles")
+        spots = np.frombuffer(payload, "<u2", per_block * blocks, _LAYER_HEAD.size).astype(np.uint16).reshape(blocks, per_block)
+        tiles, origins = spots[:, 0].copy(), spots[:, 1:].copy() if windows else None
         geometry = None
         if convolution:
             geometry = Geometry.decode_from(payload, offset)
@@ -655,7 +694,7 @@ class LayerForward(Message):
         if end != len(payload):
             raise PayloadError(f"LayerForward: {len(payload) - end} bytes after {batch} samples of {width} codes")
         return cls(in_format, out_format, row_blocks, col_blocks, inputs, outputs, tiles, geometry,
-                   flat.astype(np.int16).reshape(batch, width))
+                   flat.astype(np.int16).reshape(batch, width), origins)
 
 
 _LAYER_REPLY_HEAD = struct.Struct("<BxHI")  # out_format, out_features, rows

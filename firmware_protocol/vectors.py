@@ -3,7 +3,8 @@
 ``python -m firmware_protocol.vectors`` rewrites vectors/v3.json from ``EXAMPLES``; the tests
 check the committed file both ways (and tests/test_spec_vectors.py with a decoder of its own),
 and a C implementation can check itself against it. Arrays are written as {"dtype", "shape",
-"data"} with NaN as null; a convolution's geometry as an object of its fields.
+"data"} with NaN as null; a convolution's geometry as an object of its fields; an optional
+field at its default (the window of a FORWARD that names none) is left out.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ def _examples() -> list[tuple[str, int, m.Message]]:
         ("layer_forward_convolution", 23, m.LayerForward(
             4, 3, 1, 1, 9, 2, np.array([0], np.uint16), m.Geometry(0, 1, 5, 5, (3, 3), (2, 2), (1, 1), (1, 1)),
             np.array([[0, 0, 0, 0, 0, 0, 127, 127, 0, 0, 0, 64, -64, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5]], np.int16))),
+        # Windows (SPEC.md §8.5): a FORWARD on the window at row 25, column 6 of tile 1, its
+        # transpose, and a layer of 2 x 1 blocks packed at offsets on tiles 0 and 1.
+        ("forward_window", 24, m.Forward(1, False, np.array([[1, -2, 3], [127, -127, 0]], dtype=np.int8), 2, (25, 6))),
+        ("forward_window_transpose", 25, m.Forward(1, True, np.array([[-5, 0, 5, 9]], dtype=np.int8), 3, (25, 6))),
+        ("layer_forward_windows", 26, m.LayerForward(
+            4, 3, 2, 1, 84, 10, np.array([0, 1], np.uint16), None,
+            np.concatenate([np.zeros((2, 40), np.int16), np.arange(-60, 28, 2, dtype=np.int16).reshape(1, 44)
+                            .repeat(2, 0)], axis=1), np.array([[0, 16], [6, 54]], np.uint16))),
         ("layer_products", 22, m.LayerProducts(3, np.array([[1, -1, 127, -127, 128, -300, 0, 5, 6, 7]], np.int16))),
         ("layer_products_fragmented", 23, m.LayerProducts(
             1, (np.arange(3 * 4 * 2 * 100) % 255 - 127).astype(np.int16).reshape(1200, 2))),
@@ -86,12 +95,16 @@ def to_json(message: m.Message) -> dict:
     out = {}
     for f in fields(message):
         value = getattr(message, f.name)
+        if value is None and f.default is None:
+            continue  # an optional part left out (a FORWARD without a window): so is its field
         if isinstance(value, m.Geometry):
             out[f.name] = {g.name: list(v) if isinstance(v, tuple) else v for g, v in
                            ((g, getattr(value, g.name)) for g in fields(value))}
         elif isinstance(value, np.ndarray):
             data = [None if isinstance(v, float) and math.isnan(v) else v for v in value.ravel().tolist()]
             out[f.name] = {"dtype": value.dtype.name, "shape": list(value.shape), "data": data}
+        elif isinstance(value, tuple):
+            out[f.name] = [int(v) for v in value]
         else:
             out[f.name] = int(value) if isinstance(value, (bool, np.integer)) and not isinstance(value, bool) else value
     return out
@@ -106,6 +119,8 @@ def from_json(type_code: int, values: dict) -> m.Message:
         elif isinstance(value, dict):
             data = [np.nan if v is None else v for v in value["data"]]
             kwargs[name] = np.array(data, dtype=value["dtype"]).reshape(value["shape"])
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
     return cls(**kwargs)

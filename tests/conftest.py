@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from cim_hil.config import EmulatorConfig, validate
+from drivers.simulators.virtual_board import VirtualBoard
 
 
 def make_config(**sections) -> EmulatorConfig:
@@ -29,3 +30,21 @@ def ideal_config() -> EmulatorConfig:
 @pytest.fixture(autouse=True)
 def _seed_torch():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(params=["pty", "tcp"])
+def serve(request):
+    """``serve(config, **options)`` starts a virtual board on a fresh line, a real
+    pseudo-terminal or a real socket (each test runs on both), and gives (url, board); every
+    board started is stopped after the test."""
+    boards = []
+
+    def start(config: EmulatorConfig, **options) -> tuple[str, VirtualBoard]:
+        board = VirtualBoard(config, **options)
+        url = board.open_pty() if request.param == "pty" else board.open_tcp()
+        boards.append(board.start())
+        return url, board
+
+    yield start
+    for board in boards:
+        board.stop()

@@ -28,13 +28,9 @@ TILES = make_config(soc=dict(tiles=6, rows=16, cols=16), seed=11)
 QUICK = LinkConfig(response_timeout_s=0.05, retries=20)
 
 
-@pytest.fixture(params=["pty", "tcp"])
-def served(request):
-    board = VirtualBoard(TILES)
-    url = board.open_pty() if request.param == "pty" else board.open_tcp()
-    board.start()
-    yield url, board
-    board.stop()
+@pytest.fixture
+def served(serve):
+    return serve(TILES)
 
 
 def _codes(generator, *shape, zeros=0.5):

@@ -28,14 +28,9 @@ SMALL = make_config(soc=dict(tiles=2, rows=32, cols=32), periphery=dict(transpos
 QUICK = LinkConfig(response_timeout_s=0.05, retries=10)
 
 
-@pytest.fixture(params=["pty", "tcp"])
-def served(request):
-    """A virtual board on a fresh line, and an in-process emulator with the same seed."""
-    board = VirtualBoard(SMALL)
-    url = board.open_pty() if request.param == "pty" else board.open_tcp()
-    board.start()
-    yield url, board
-    board.stop()
+@pytest.fixture
+def served(serve):
+    return serve(SMALL)
 
 
 def _session_inputs(generator):

@@ -252,6 +252,21 @@ def codes_v3(fmt: int, count: int, p: bytes, at: int):
     return out, at
 
 
+def forward_v3(p):
+    """§4.2 with §8.5: flags bit 1 (WINDOW) puts u16 row_offset, u16 col_offset after the header."""
+    tile, flags, code_bytes, reserved, batch, outputs = struct.unpack_from("<BBBBHH", p)
+    assert flags & ~0x03 == 0, "flag bits 2-7 are reserved"
+    if not flags & 0x02:
+        return forward(p)
+    row, col = struct.unpack_from("<HH", p, 8)
+    body = len(p) - 12
+    assert batch >= 1 and body % (batch * code_bytes) == 0
+    width = body // (batch * code_bytes)
+    codes, _ = _array(_codes_fmt(code_bytes), batch * width, p, 12)
+    return {"tile": tile, "flags": flags, "code_bytes": code_bytes, "reserved": reserved,
+            "batch": batch, "outputs": outputs, "origin": [row, col], "codes": (codes, [batch, width])}
+
+
 def next_v3(p):
     assert len(p) == 4
     return {"piece": struct.unpack("<I", p)[0]}
@@ -283,11 +298,14 @@ def devices_report(p):
 
 
 def layer_forward(p):
-    in_fmt, out_fmt, rows, cols, inputs, outputs, batch, conv, reserved = struct.unpack_from("<BBBBHHHBB", p)
-    assert conv in (0, 1) and reserved == 0
-    tiles, at = _array("H", rows * cols, p, 12)
+    in_fmt, out_fmt, rows, cols, inputs, outputs, batch, conv, windows = struct.unpack_from("<BBBBHHHBB", p)
+    assert conv in (0, 1) and windows in (0, 1)
+    entries, at = _array("H", rows * cols * (3 if windows else 1), p, 12)  # §8.5: (tile, row, col) with windows
+    tiles = entries[::3] if windows else entries
     out = {"in_format": in_fmt, "out_format": out_fmt, "row_blocks": rows, "col_blocks": cols,
            "in_features": inputs, "out_features": outputs, "tiles": tiles, "geometry": None}
+    if windows:
+        out["origins"] = ([value for i, value in enumerate(entries) if i % 3], [rows * cols, 2])
     width = inputs
     if conv:
         order, reserved, channels, height, image_width = struct.unpack_from("<BBHHH", p, at)
@@ -359,7 +377,7 @@ def spec_decoder(number: str, message: str):
     return decode
 
 
-V3 = {**V2, 0x09: next_v3, 0x0A: program_devices, 0x8A: devices_report, 0x0B: layer_forward,
+V3 = {**V2, 0x02: forward_v3, 0x09: next_v3, 0x0A: program_devices, 0x8A: devices_report, 0x0B: layer_forward,
       0x8B: layer_products, 0x0C: spec_decoder("8.6", "SET_ADC_RANGE"), 0x8C: spec_decoder("8.6", "ADC_RANGE")}
 
 
@@ -389,7 +407,7 @@ def expected_from_vector(mtype: int, fields: dict) -> dict:
     f = {key: _vector_array(value) if key in arrays else value for key, value in fields.items()}
     dtypes = {key: fields[key]["dtype"] for key in arrays}
     if mtype in (0x02, 0x82):
-        f["flags"] = int(f.pop("transpose"))
+        f["flags"] = int(f.pop("transpose")) | (0x02 if "origin" in f else 0)  # §8.5: WINDOW
         f["code_bytes"] = {"int8": 1, "int16": 2}[dtypes["codes"]]
         f["batch"] = f["codes"][1][0]
         f.setdefault("reserved", 0)
@@ -484,6 +502,10 @@ def test_the_worked_examples_of_version_3_read_as_the_spec_says():
     assert codes_v3(4, 7, bytes.fromhex("80040500ff"), 0) == ([0, 0, 0, 0, 5, 0, -1], 5)
     assert codes_v3(3, 3, bytes.fromhex("01802c01fe"), 0) == ([1, 300, -2], 5)
     assert devices_report(bytes.fromhex("020000003d0001f4000302")) == {"entries": [(61, 1, 0), (244, 3, 1)]}
+    # §8.5's windowed FORWARD: 18 bytes where the padded request takes 8 + 2 x 28.
+    window = bytes.fromhex("01 02 01 00 02 00 02 00 19 00 06 00 01 fe 03 7f 81 00")
+    assert forward_v3(window) == {"tile": 1, "flags": 2, "code_bytes": 1, "reserved": 0, "batch": 2, "outputs": 2,
+                                  "origin": [25, 6], "codes": ([1, -2, 3, 127, -127, 0], [2, 3])}
     # §8.6: the bytes its worked example writes, read by the layouts its tables give.
     example = spec_section("8.6")
     request = bytes.fromhex(re.search(r"^    payload +([0-9a-f ]+?) +\(", example, re.M).group(1))

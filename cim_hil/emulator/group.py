@@ -21,7 +21,7 @@ from cim_hil.emulator.devices import write_verify_trials
 from cim_hil.emulator.products import ProductPlan
 from cim_hil.errors import ShapeError
 from cim_hil.group import TileGroup
-from cim_hil.layer_products import Convolution, LayerCut, block_inputs, sum_row_blocks, unroll
+from cim_hil.layer_products import Convolution, LayerCut, block_inputs, products_of_blocks, sum_row_blocks, unroll
 from cim_hil.tile import ProgramResult, Tile
 
 if TYPE_CHECKING:
@@ -63,12 +63,18 @@ class EmulatedGroup(TileGroup):
         adcs = [tile.backward_adc if transpose else tile.forward_adc for tile in self.tiles]
         return all(adc.full_scale == adcs[0].full_scale for adc in adcs)
 
-    def _layer_products(self, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None) -> torch.Tensor:
+    def _layer_products(
+        self, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None,
+        origins: list[tuple[int, int]] | None,
+    ) -> torch.Tensor:
         """A layer's products as the chip computes them: the patches cut from the images (on
         the board, by the same :func:`unroll` a host uses), every tile's ADC codes, the row
-        blocks' codes summed digitally, then one multiply by the LSB."""
-        if not self._one_adc_range(False):  # row blocks' codes of different LSBs do not add up
-            return super()._layer_products(cut, codes, convolution)
+        blocks' codes summed digitally, then one multiply by the LSB. Blocks packed into
+        windows run as the group's windowed products, their currents summed (the numbers packed
+        layers have always had here), as do tiles whose ADCs differ (codes of different LSBs do
+        not add up)."""
+        if origins is not None or not self._one_adc_range(False):
+            return products_of_blocks(self, cut, codes, convolution, origins)
         spec = self.spec
         plan = self._plan(cut.outputs(spec.cols), False)
         inputs = unroll(codes, convolution, by_column=cut.row_blocks == 1) if convolution is not None else codes

@@ -18,7 +18,7 @@ import torch
 
 from cim_hil.codes import input_codes
 from cim_hil.errors import CapabilityError, ConfigError
-from cim_hil.layer_products import Convolution, LayerCut, layer_products, unroll
+from cim_hil.layer_products import Convolution, LayerCut, layer_products
 from cim_hil.group import TileGroup
 from cim_hil.nn.config import MappingConfig
 from cim_hil.tile import Capability, Tile, averaged_read, require_finite
@@ -101,7 +101,9 @@ class TileMapping:
         block_tiles = [group.tiles[tile] for tile, _, _ in self.spots]  # one per block, in grid order
         same = len(block_tiles) == len(group) and all(a is b for a, b in zip(block_tiles, group.tiles))
         self._block_group = group if same else type(group)(block_tiles, group.board)  # products only
-        self._windows = self._block_windows() if any(row or col for _, row, col in self.spots) else None
+        packed = any(row or col for _, row, col in self.spots)
+        self._origins = [(row, col) for _, row, col in self.spots] if packed else None
+        self._windows = self._block_windows() if packed else None
         self._check_capabilities()
         top = spec.levels - 1
         self.spacing = spec.level_spacing_us
@@ -251,12 +253,11 @@ class TileMapping:
     # ---- products -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, in_features) -> x @ W.T + bias (N, out_features), the products run on the tiles
-        as one layer call (blocks packed into windows of shared tiles: one product per block);
+        as one layer call (blocks packed beside other layers' run on their windows);
         the digital ``bias`` (out_features,) is added on the host in the same pass as the scaling."""
-        if self._windows is not None:
-            return self._products(x, False, None, bias)
         codes, peak = self._input_codes(x.detach())
-        return self._scaled(layer_products(self._block_group, self.cut, codes), peak, bias).to(x.device, x.dtype)
+        currents = layer_products(self._block_group, self.cut, codes, origins=self._origins)
+        return self._scaled(currents, peak, bias).to(x.device, x.dtype)
 
     def forward_images(self, x: torch.Tensor, convolution: Convolution, bias: torch.Tensor | None = None) -> torch.Tensor:
         """A convolution of images x (N, C, H, W): (N * out_h * out_w, out_features), one row
@@ -264,9 +265,7 @@ class TileMapping:
         sent as codes; the board (or, for a board that cannot, the host) cuts the patches."""
         codes, peak = self._input_codes(x.detach())
         peaks = peak.repeat_interleave(convolution.out_size[0] * convolution.out_size[1], 0)
-        if self._windows is not None:  # blocks packed into windows: the patches are cut here, one product per block
-            return self._products(unroll(x.detach(), convolution, self.row_blocks == 1), False, peaks, bias)
-        currents = layer_products(self._block_group, self.cut, codes, convolution)
+        currents = layer_products(self._block_group, self.cut, codes, convolution, self._origins)
         return self._scaled(currents, peaks, bias).to(x.device, x.dtype)
 
     def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,10 +45,12 @@ class Refusal(Exception):
 class BoardFirmware:
     """Bytes in, answer bytes out, for a board built by ``make_board`` (called again on RESET 1)."""
 
-    def __init__(self, make_board: Callable[[], Board], protocol_version: int = VERSION) -> None:
+    def __init__(self, make_board: Callable[[], Board], protocol_version: int = VERSION, windows: bool = True) -> None:
         self.make_board = make_board
         self.board = make_board()
         self.protocol_version = protocol_version
+        # Whether it reads windows (SPEC.md §8.5); without, it is a v3 board from before them.
+        self.windows = windows
         self._check_fits_protocol(self.board[0])
         self.executed: Tally[str] = Tally()  # requests run, by message name: what tests count
         self._decoder = FrameDecoder(speaks=None)  # a foreign version is answered, not dropped
@@ -215,22 +217,46 @@ class BoardFirmware:
             protocol_version=self.protocol_version, firmware_major=major, firmware_minor=minor,
             firmware_patch=patch, tiles=len(self.board), clock_hz=int(tile.counters.clock_hz),
             forward_lsb_ua=tile.power_on_adc(False).lsb, backward_lsb_ua=tile.power_on_adc(True).lsb,
-            read_lsb_us=tile.read_lsb_us, max_payload=MAX_PAYLOAD, **info_fields(tile.spec),
+            read_lsb_us=tile.read_lsb_us, max_payload=MAX_PAYLOAD,
+            **{**info_fields(tile.spec), "capabilities": info_fields(tile.spec)["capabilities"]
+               | (m.WINDOWS_BIT if self.windows else 0)},
         )
 
     def _on_forward(self, request: m.Forward) -> m.Products:
         tile = self._tile(request.tile)
+        origin = (0, 0)
+        if request.origin is not None and self.windows:
+            origin = self._window(tile, request)
         top = top_code(tile.spec.input_bits)
         if request.codes.size and int(np.abs(request.codes.astype(np.int32)).max()) > top:
             raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"input codes beyond +-{top}")
         x = torch.from_numpy(request.codes.astype(np.float32)) / top
         if request.transpose:
-            currents, lsb = tile.backward(x, request.outputs), tile.backward_adc.lsb
+            currents, lsb = tile.backward(x, request.outputs, origin), tile.backward_adc.lsb
         else:
-            currents, lsb = tile.forward(x, request.outputs), tile.forward_adc.lsb
+            currents, lsb = tile.forward(x, request.outputs, origin), tile.forward_adc.lsb
         dtype = np.int8 if tile.spec.output_bits <= 8 else np.int16
         codes = torch.round(currents.cpu() / lsb).numpy().astype(dtype)
         return m.Products(request.tile, request.transpose, codes)
+
+    @staticmethod
+    def _window(tile: EmulatedTile, request: m.Forward) -> tuple[int, int]:
+        """A FORWARD's window, checked in SPEC.md §8.5's order: its origin on the tile, then its
+        width and its outputs from there to the tile's edge."""
+        rows, cols = tile.spec.rows, tile.spec.cols
+        row, col = request.origin
+        if not (row < rows and col < cols):
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"window origin ({row}, {col}) lies outside the {rows}x{cols} tile")
+        (driven, start, lines), (converted, first, outs) = (
+            ((cols, col, "columns"), (rows, row, "rows")) if request.transpose else ((rows, row, "rows"), (cols, col, "columns")))
+        width = request.codes.shape[1]
+        if not 1 <= width <= driven - start:
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"width {width} from {lines[:-1]} {start} passes the edge of the "
+                          f"{rows}x{cols} tile ({driven - start} {lines} left)")
+        if not 1 <= request.outputs <= converted - first:
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"{request.outputs} outputs from {outs[:-1]} {first} pass the edge "
+                          f"of the {rows}x{cols} tile ({converted - first} {outs} left)")
+        return row, col
 
     def _on_readmap(self, request: m.ReadMap) -> m.Map:
         tile = self._tile(request.tile)
@@ -350,7 +376,8 @@ class BoardFirmware:
         if len(lsbs) > 1:  # the row blocks' codes are summed, and the sum read with one LSB
             raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"the layer's tiles convert with {len(lsbs)} different ADC ranges; "
                           "LAYER_FORWARD needs one")
-        currents = layer_products(self._group(request.tiles.tolist()), cut, codes, convolution)
+        origins = request.origins.tolist() if request.origins is not None and self.windows else None
+        currents = layer_products(self._group(request.tiles.tolist()), cut, codes, convolution, origins)
         outputs = torch.round(currents.cpu() / tiles[0].forward_adc.lsb)
         return m.LayerProducts(request.out_format, outputs.numpy().astype(np.int16))
 

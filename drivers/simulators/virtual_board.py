@@ -226,7 +226,8 @@ class _Pacer:
 
 class VirtualBoard:
     """Serve an emulated board on one line. ``open_pty()`` or ``open_tcp()``, then ``start()``
-    (a background thread) or ``serve_forever()``; ``stop()`` ends it."""
+    (a background thread) or ``serve_forever()``; ``stop()`` ends it. ``windows=False`` serves
+    firmware from before protocol v3's windows (SPEC.md §8.5): hosts then send padding."""
 
     def __init__(
         self,
@@ -234,9 +235,10 @@ class VirtualBoard:
         pace_baudrate: int | None = None,
         faults: FaultPlan | None = None,
         protocol_version: int = VERSION,
+        windows: bool = True,
     ) -> None:
         self.config = config or EmulatorConfig()
-        self.firmware = BoardFirmware(lambda: build_emulator(self.config, "virtual-board"), protocol_version)
+        self.firmware = BoardFirmware(lambda: build_emulator(self.config, "virtual-board"), protocol_version, windows)
         self.faults = LineFaults(faults) if faults else None
         self._pace_baudrate = pace_baudrate
         self._line: _PtyLine | _TcpLine | None = None
