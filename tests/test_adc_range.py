@@ -50,6 +50,19 @@ def test_a_smaller_full_scale_gives_finer_codes_and_saturates_beyond_it():
     assert torch.equal(tile.forward(x), default)
 
 
+def test_a_tiles_state_keeps_its_adc_ranges():
+    board, again = _programmed(build_emulator(SMALL)), build_emulator(SMALL)
+    board[0].set_adc_range(2.0)
+    board[0].set_adc_range(3.0, transpose=True)
+    again.load_state_dict(board.state_dict())
+    x = torch.rand(8, 16, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    assert torch.equal(again[0].forward(x), board[0].forward(x))
+    assert torch.equal(again[0].backward(x), board[0].backward(x))
+    older = {key: value for key, value in board.state_dict()["tiles"][0].items() if key != "adc_full_scales_ua"}
+    again[0].load_state_dict(older)
+    assert again[0].forward_adc.full_scale == again[0].power_on_adc(False).full_scale
+
+
 def test_bad_full_scales_are_refused_and_change_nothing():
     tile = build_emulator(SMALL)[0]
     before = tile.forward_adc

@@ -118,12 +118,14 @@ class EmulatedTile(Tile):
 
     # ---- emulator state (checkpoints) -----------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything that makes this tile's future numbers: devices, references, random stream."""
+        """Everything that makes this tile's future numbers: devices, references, random stream,
+        the ADCs' full scales."""
         return {
             "devices": self.devices.state_dict(),
             "references": self.references.state_dict() if self.references is not None else None,
             "generator": self.generator.get_state(),
             "counters": asdict(self.counters),
+            "adc_full_scales_ua": [self.forward_adc.full_scale, self.backward_adc.full_scale],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -132,6 +134,15 @@ class EmulatedTile(Tile):
             self.references.load_state_dict(state["references"])
         self.generator.set_state(state["generator"])
         self.counters = Counters(**state["counters"])
+        # A state saved before ADC ranges could be set had the power-on ones.
+        for transpose, full_scale in enumerate(state.get("adc_full_scales_ua", [None, None])):
+            adc = self.power_on_adc(bool(transpose))
+            if full_scale is not None and full_scale != adc.full_scale:
+                adc = ADC(self.config.periphery.output_bits, full_scale, self.adc_noise)
+            if transpose:
+                self.backward_adc = adc
+            else:
+                self.forward_adc = adc
 
     # ---- products -------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, outputs: int) -> torch.Tensor:
