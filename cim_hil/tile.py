@@ -37,6 +37,7 @@ class Capability(StrEnum):
     PULSES = "pulses"  # open-loop signed programming pulses
     WRITE_VERIFY = "write_verify"  # program-with-verify to target conductances
     REFERENCE = "reference"  # per-device reference conductances that can be programmed
+    ADC_RANGE = "adc_range"  # the host can set the full scale of a tile's output ADC
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,24 @@ class Tile(ABC):
         product = self._backward if transpose else self._forward
         return product(pad_inputs(x, start), first + outputs)[:, first:]
 
+    def set_adc_range(self, full_scale_ua: float | None, transpose: bool = False) -> float:
+        """Set the full scale (uA) of the ADC that converts this tile's forward (or transpose)
+        outputs, None for the power-on one; returns the LSB now in force (uA per code), which
+        is what the products' currents are read back with. A backend may set the nearest
+        full scale its periphery allows, so the LSB returned is the one to believe."""
+        self._require(Capability.ADC_RANGE)
+        if transpose:
+            self._require(Capability.TRANSPOSE)
+        if full_scale_ua is not None:
+            try:
+                full_scale_ua = float(full_scale_ua)
+            except (TypeError, ValueError):
+                raise UnsafeValueError(f"an ADC full scale must be a number of uA, got {full_scale_ua!r}") from None
+            if not 0 < full_scale_ua < math.inf:
+                raise UnsafeValueError(f"an ADC full scale must be positive and finite, got {full_scale_ua} uA; "
+                                       "nothing was set")
+        return self._set_adc_range(full_scale_ua, bool(transpose))
+
     # ---- conductances ---------------------------------------------------------------------
     def read_conductances(self, window: Window | None = None) -> torch.Tensor:
         """One noisy read of the weight devices (uS), the whole tile or a window."""
@@ -257,6 +276,9 @@ class Tile(ABC):
 
     def _read_reference(self) -> torch.Tensor:
         raise CapabilityError("this tile has no reference devices")
+
+    def _set_adc_range(self, full_scale_ua: float | None, transpose: bool) -> float:
+        raise CapabilityError("this tile cannot set its ADC range")
 
     # ---- argument checks shared by every backend ------------------------------------------
     def _require(self, capability: Capability) -> None:
