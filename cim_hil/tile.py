@@ -164,7 +164,11 @@ class Tile(ABC):
             raise ShapeError(f"origin {tuple(origin)} lies outside the {self.spec.rows}x{self.spec.cols} tile")
         what = "backward input" if transpose else "forward input"
         x = self._batch(x, rows - start, what + f" at origin {tuple(origin)}" if start else what)
-        width = self._outputs(outputs if outputs is not None else cols - first, cols - first)
+        if outputs is None:
+            width = cols - first
+        else:  # past the tile's edge from the window's first output: named as such
+            named = f"outputs from {'row' if transpose else 'column'} {first} (origin {tuple(origin)})" if first else "outputs"
+            width = checked_integer(outputs, named, 1, cols - first, ShapeError)
         if not (start or first):
             return (self._backward if transpose else self._forward)(x, width)
         return self._window_product(x, width, (int(origin[0]), int(origin[1])), transpose)
