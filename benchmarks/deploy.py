@@ -7,8 +7,9 @@ Prints one JSON object.
 
 Each model's drop is against its own accuracy where it was trained: on its training chip, or on
 the host for float32, on the same test digits. ``columns`` is the column-range step alone,
-``calibrated`` both steps (column ranges, then fixed DAC input ranges); ``recovered`` is the
-fraction of the drop the calibration wins back (null when there is no drop to recover).
+``inputs`` the column ranges then fixed DAC input ranges, ``calibrated`` all three steps (the
+ADC ranges last); ``recovered`` is the fraction of the drop each wins back (null when there is
+no drop to recover).
 """
 
 import argparse
@@ -31,18 +32,23 @@ def _arm(report: dict) -> dict:
         "reference": report["reference"],
         "accuracy": {k: report["accuracy"][k] for k in keep},
         "columns_accuracy": {k: report["columns_accuracy"][k] for k in keep},
+        "inputs_accuracy": {k: report["inputs_accuracy"][k] for k in keep},
         "calibrated_accuracy": {k: report["calibrated_accuracy"][k] for k in keep},
         "drop_points": drop,
         "columns_drop_points": 100 * (report["reference_accuracy"] - report["columns_accuracy"]["mean"]),
+        "inputs_drop_points": 100 * (report["reference_accuracy"] - report["inputs_accuracy"]["mean"]),
         "calibrated_drop_points": report["calibrated_drop_points"],
         "columns_recovered": recovered(report["columns_accuracy"]),
+        "inputs_recovered": recovered(report["inputs_accuracy"]),
         "calibrated_recovered": recovered(report["calibrated_accuracy"]),
+        "adc_step_points": 100 * (report["calibrated_accuracy"]["mean"] - report["inputs_accuracy"]["mean"]),
         "write_verify_failures_mean": report["write_verify_failures"]["mean"],
         "programming_chip_seconds_mean": report["programming_chip_seconds"]["mean"],
         "programming_energy_uj_mean": report["programming_energy_uj"]["mean"],
         "seconds_per_chip": report["host_seconds_per_chip"],
         "per_chip": [{"seed": row["seed"], "accuracy": row["accuracy"], "columns": row["columns_accuracy"],
-                      "calibrated": row["calibrated_accuracy"]} for row in report["chips"]],
+                      "inputs": row["inputs_accuracy"], "calibrated": row["calibrated_accuracy"],
+                      "adc_ranges_ua": row["calibration"]["adc_ranges"]} for row in report["chips"]],
     }
 
 
@@ -83,6 +89,8 @@ def main() -> None:
             else chip["calibrated_recovered"] >= 0.5,
             "columns_alone_recover_half_of_float_drop": None if host["columns_recovered"] is None
             else host["columns_recovered"] >= 0.5,
+            "adc_step_helps_float": host["adc_step_points"] > 0,
+            "adc_step_helps_chip": chip["adc_step_points"] > 0,
         },
         "seconds_per_chip": sum(deployed) / len(deployed),
         "training_seconds": training_seconds,

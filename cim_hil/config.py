@@ -91,6 +91,10 @@ class PeripheryConfig(Strict):
         2.0, ge=0.0, description="ADC input-referred noise std, in level spacings at v_read"
     )
     cols_per_adc: int = Field(8, ge=1, description="columns sharing one TIA + ADC")
+    adc_range_settable: bool = Field(
+        True, description="the host can set each tile's ADC full scale (Tile.set_adc_range); else it stays at "
+        "adc_full_scale_fraction"
+    )
     transpose: bool = Field(
         False, description="array supports transpose (backward) products; the reference chip has none and computes "
         "gradients on the host"

@@ -37,6 +37,7 @@ class Capability(StrEnum):
     PULSES = "pulses"  # open-loop signed programming pulses
     WRITE_VERIFY = "write_verify"  # program-with-verify to target conductances
     REFERENCE = "reference"  # per-device reference conductances that can be programmed
+    ADC_RANGE = "adc_range"  # the host can set the full scale of a tile's output ADC
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,11 @@ class Tile(ABC):
             raise ShapeError(f"origin {tuple(origin)} lies outside the {self.spec.rows}x{self.spec.cols} tile")
         what = "backward input" if transpose else "forward input"
         x = self._batch(x, rows - start, what + f" at origin {tuple(origin)}" if start else what)
-        width = self._outputs(outputs if outputs is not None else cols - first, cols - first)
+        if outputs is None:
+            width = cols - first
+        else:  # past the tile's edge from the window's first output: named as such
+            named = f"outputs from {'row' if transpose else 'column'} {first} (origin {tuple(origin)})" if first else "outputs"
+            width = checked_integer(outputs, named, 1, cols - first, ShapeError)
         if not (start or first):
             return (self._backward if transpose else self._forward)(x, width)
         return self._window_product(x, width, (int(origin[0]), int(origin[1])), transpose)
@@ -175,6 +180,26 @@ class Tile(ABC):
         start, first = (origin[1], origin[0]) if transpose else origin
         product = self._backward if transpose else self._forward
         return product(pad_inputs(x, start), first + outputs)[:, first:]
+
+    def set_adc_range(self, full_scale_ua: float | None, transpose: bool = False) -> float:
+        """Set the full scale (uA) of the ADC that converts this tile's forward (or transpose)
+        outputs, None for the power-on one; returns the LSB now in force (uA per code), which
+        is what the products' currents are read back with. A backend may set the nearest
+        full scale its periphery allows, so the LSB returned is the one to believe."""
+        self._require(Capability.ADC_RANGE)
+        if transpose:
+            self._require(Capability.TRANSPOSE)
+        if full_scale_ua is not None:
+            try:
+                if isinstance(full_scale_ua, bool):
+                    raise TypeError
+                full_scale_ua = float(full_scale_ua)
+            except (TypeError, ValueError):
+                raise UnsafeValueError(f"an ADC full scale must be a number of uA, got {full_scale_ua!r}") from None
+            if not 0 < full_scale_ua < math.inf:
+                raise UnsafeValueError(f"an ADC full scale must be positive and finite, got {full_scale_ua} uA; "
+                                       "nothing was set")
+        return self._set_adc_range(full_scale_ua, bool(transpose))
 
     # ---- conductances ---------------------------------------------------------------------
     def read_conductances(self, window: Window | None = None) -> torch.Tensor:
@@ -253,6 +278,9 @@ class Tile(ABC):
 
     def _read_reference(self) -> torch.Tensor:
         raise CapabilityError("this tile has no reference devices")
+
+    def _set_adc_range(self, full_scale_ua: float | None, transpose: bool) -> float:
+        raise CapabilityError("this tile cannot set its ADC range")
 
     # ---- argument checks shared by every backend ------------------------------------------
     def _require(self, capability: Capability) -> None:

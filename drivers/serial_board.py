@@ -46,6 +46,8 @@ class SerialTile(Tile):
         self.link, self.index, self.board_info = link, index, info
         self.spec = spec_from_info(info)
         self._input_dtype = np.int8 if info.input_bits <= 8 else np.int16
+        # What one output code stands for, forward and transposed: INFO's, until SET_ADC_RANGE.
+        self.lsbs_ua = [info.forward_lsb_ua, info.backward_lsb_ua]
         # Whether the firmware reads windows (SPEC.md §8.5); without, a window goes as padding.
         self.windows = bool(info.capabilities & m.WINDOWS_BIT)
 
@@ -65,7 +67,7 @@ class SerialTile(Tile):
     ) -> torch.Tensor:
         """FORWARDs of ``x``, on the window at ``origin`` (row, col) if given (SPEC.md §8.5)."""
         codes = input_codes(x.to(torch.float32), self.spec.input_bits).numpy().astype(self._input_dtype)
-        lsb = self.board_info.backward_lsb_ua if transpose else self.board_info.forward_lsb_ua
+        lsb = self.lsbs_ua[transpose]
         # Both the request and its reply must fit MAX_MESSAGE (SPEC.md §2).
         out_bytes = 1 if self.spec.output_bits <= 8 else 2
         head = 8 if origin is None else 12
@@ -88,6 +90,16 @@ class SerialTile(Tile):
         if not self.windows:
             return super()._window_product(x, outputs, origin, transpose)
         return self._products(x.cpu(), transpose, outputs, origin)
+
+    def _set_adc_range(self, full_scale_ua: float | None, transpose: bool) -> float:
+        """One SET_ADC_RANGE; the LSB the board answers converts this tile's codes from then on."""
+        request = m.SetAdcRange(self.index, int(transpose), 0.0 if full_scale_ua is None else full_scale_ua)
+        reply = self.link.request(request, m.AdcRange)
+        if (reply.tile, reply.direction) != (self.index, int(transpose)) or not 0 < reply.lsb_ua < math.inf:
+            raise BoardError(f"board on {self.link.name} answered SET_ADC_RANGE of tile {self.index} with tile "
+                             f"{reply.tile}, direction {reply.direction}, LSB {reply.lsb_ua} uA")
+        self.lsbs_ua[transpose] = reply.lsb_ua
+        return reply.lsb_ua
 
     # ---- conductances ---------------------------------------------------------------------
     def _read(self, array: int, window: Window) -> torch.Tensor:
@@ -164,9 +176,10 @@ class SerialGroup(TileGroup):
         packed beside others name their origins, where the board reads windows."""
         tiles = self.tiles
         first = tiles[0]
-        if any(tile.link is not first.link for tile in tiles) or (origins is not None and not self._windowed()):
+        if (any(tile.link is not first.link or tile.lsbs_ua[0] != first.lsbs_ua[0] for tile in tiles)
+                or (origins is not None and not self._windowed())):  # (the board sums codes of one LSB only)
             return products_of_blocks(self, cut, codes, convolution, origins)
-        spec, info = first.spec, first.board_info
+        spec, lsb = first.spec, first.lsbs_ua[0]
         in_format = CodeFormat.I8_ZERO_RUNS if spec.input_bits <= 8 else CodeFormat.I16
         out_format = CodeFormat.I8_ESCAPED  # sums of the row blocks may pass one byte; most do not
         geometry = None
@@ -184,7 +197,7 @@ class SerialGroup(TileGroup):
                                      cut.out_features, tile_indices, geometry, wire[start : start + MAX_BATCH], corners)
             rows = len(request.codes) * (math.prod(convolution.out_size) if convolution is not None else 1)
             reply = first.link.request(request, m.LayerProducts, reply_size=8 + rows * cut.out_features)
-            parts.append(torch.from_numpy(reply.codes.astype(np.float32)) * info.forward_lsb_ua)
+            parts.append(torch.from_numpy(reply.codes.astype(np.float32)) * lsb)
         return torch.cat(parts)
 
     def _program_places(

@@ -39,6 +39,7 @@ class CapabilityBit(IntEnum):
     pulses = 0x04
     write_verify = 0x08
     reference = 0x10
+    adc_range = 0x40  # SET_ADC_RANGE (SPEC.md §8.6)
 
 
 # INFO.capabilities bit 5: the board reads windows (SPEC.md §8.5). A feature of the firmware,
@@ -723,6 +724,29 @@ class LayerProducts(Message):
         if end != len(payload):
             raise PayloadError(f"LayerProducts: {len(payload) - end} bytes after {rows} x {outputs} codes")
         return cls(out_format, flat.astype(np.int16).reshape(rows, outputs))
+
+
+@dataclass(frozen=True, eq=False)
+class SetAdcRange(Message):
+    """Set the full scale (uA) of one tile's forward (direction 0) or transpose (1) ADC; 0 is
+    the power-on one (SPEC.md §8.6)."""
+
+    TYPE = 0x0C
+    tile: int
+    direction: int
+    full_scale_ua: float
+    encode, decode = _simple("HBxf", "tile", "direction", "full_scale_ua")
+
+
+@dataclass(frozen=True, eq=False)
+class AdcRange(Message):
+    """The LSB (uA per code) now in force for that tile and direction: what its codes stand for."""
+
+    TYPE = 0x8C
+    tile: int
+    direction: int
+    lsb_ua: float
+    encode, decode = _simple("HBxf", "tile", "direction", "lsb_ua")
 
 
 def is_request(type_code: int) -> bool:

@@ -81,6 +81,10 @@ def _examples() -> list[tuple[str, int, m.Message]]:
         ("layer_products", 22, m.LayerProducts(3, np.array([[1, -1, 127, -127, 128, -300, 0, 5, 6, 7]], np.int16))),
         ("layer_products_fragmented", 23, m.LayerProducts(
             1, (np.arange(3 * 4 * 2 * 100) % 255 - 127).astype(np.int16).reshape(1200, 2))),
+        # SPEC.md §8.6's worked example, and the power-on range of a transpose ADC.
+        ("set_adc_range", 24, m.SetAdcRange(1, 0, 8.0)),
+        ("adc_range", 24, m.AdcRange(1, 0, float(np.float32(8.0 / 127)))),
+        ("set_adc_range_power_on_transpose", 25, m.SetAdcRange(3, 1, 0.0)),
     ]
 
 

@@ -27,13 +27,20 @@ from cim_hil.deploy import (
     load_trained,
 )
 from cim_hil.deploy.calibrate import (
+    _seen_inputs,
+    adc_output_error,
+    calibrate_input_ranges,
     candidate_ranges,
+    choose_adc_range,
     choose_input_range,
     dac_output_error,
+    host_products,
     layer_inputs,
     named_analog_layers,
+    set_layer_adc_range,
 )
 from cim_hil.deploy.deploy import accuracy, analog_weights
+from cim_hil.emulator.board import build_emulator
 from cim_hil.errors import CimHilError
 from cim_hil.nn import MappingConfig, convert_to_analog
 from cim_hil.nn.placement import plan_placement
@@ -215,13 +222,14 @@ def test_results_and_histogram_are_saved_and_constants_apply_to_a_chip(float_run
     assert accuracy(analog, data.test) == row["calibrated_accuracy"]
     for name, layer in named_analog_layers(analog):
         assert layer.mapping.input_range == row["calibration"]["input_ranges"][name]
+        assert all(tile.forward_adc.full_scale == row["calibration"]["adc_ranges"][name] for tile in layer.mapping.tiles)
         # Every column's largest weight sits on the outermost level.
         assert torch.all(layer.levels.abs().amax(1) == layer.mapping.high)
 
 
 def test_column_calibration_recovers_accuracy_on_a_noisy_chip(float_run, data):
     trained = load_trained(float_run, tiny())
-    config = DeployConfig(chips=2, calibrate_inputs=False, first_seed=7)
+    config = DeployConfig(chips=2, calibrate_inputs=False, calibrate_adc=False, first_seed=7)
     report = deploy(trained, data, "emulator:", config, progress=False)
     assert report["calibrated_accuracy"]["mean"] > report["accuracy"]["mean"]
 
@@ -287,6 +295,53 @@ def test_a_convolutions_patches_line_up_with_its_kernel(float_run, data):
     patches, weights = layer_inputs(conv, x)
     expected = F.conv2d(x, conv.as_kernel(conv.weight.detach()), stride=2)
     assert torch.allclose(patches @ weights.T, expected.permute(0, 2, 3, 1).reshape(-1, 4), atol=1e-5)
+
+
+# ---- ADC ranges -------------------------------------------------------------------------------
+def test_the_chosen_adc_range_never_has_more_output_error_than_the_power_on_one(float_run, data):
+    """On a chip whose products are deterministic once programmed (programming error and
+    device variation, no read or ADC noise), after the column and input steps as a deployment
+    runs them: each layer's chosen range, replayed, has no more output error on the calibration
+    batches than the power-on range, and the step changes something."""
+    trained = load_trained(float_run, tiny())
+    config = make_config(soc=dict(tiles=4), seed=21, device=dict(read_noise_levels=0.0),
+                         periphery=dict(adc_noise_levels=0.0))
+    analog = convert_to_analog(trained.model, build_emulator(config), trained.mapping)
+    images = data.train.images[:64]
+    calibrate_columns(analog, analog_weights(trained.model))
+    calibrate_input_ranges(analog, images)
+    gains = []
+    with torch.no_grad():
+        for name, layer in named_analog_layers(analog):
+            x = _seen_inputs(analog, layer, images)
+            chosen, errors = choose_adc_range(layer, x)
+            reference = host_products(layer, x)
+            power_on = layer.mapping.tiles[0].set_adc_range(None) * 127
+            set_layer_adc_range(layer, None)
+            replayed_power_on = adc_output_error(layer, x, reference)
+            set_layer_adc_range(layer, chosen)
+            replayed_chosen = adc_output_error(layer, x, reference)
+            assert replayed_chosen <= replayed_power_on
+            assert (replayed_chosen, replayed_power_on) == (errors[chosen], errors[power_on])
+            gains.append(replayed_power_on / replayed_chosen)
+    assert max(gains) > 1.2  # a range fitted to the layer's currents beats the power-on one somewhere
+
+
+def test_a_chip_that_cannot_set_its_adc_range_is_refused_before_programming(lenet_run, offline_data, float_run,
+                                                                            data, tmp_path, capsys):
+    path = tmp_path / "fixed_adc.json"
+    path.write_text(make_config(soc=dict(tiles=18), periphery=dict(adc_range_settable=False)).model_dump_json())
+    trained = load_trained(float_run, tiny())
+    with pytest.raises(CimHilError, match="cannot set its ADC range .* --no-adc-calibration"):
+        deploy(trained, data, f"emulator:{path}", DeployConfig(chips=1), progress=False)
+    assert main(["deploy", str(lenet_run), "--no-progress", "--board", f"emulator:{path}"]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("cim-hil: error:")] == [
+        f"cim-hil: error: the chip at emulator:{path}?seed=1000 cannot set its ADC range (no 'adc_range' capability); "
+        "deploy with --no-adc-calibration"]
+    report = deploy(trained, data, f"emulator:{path}", DeployConfig(chips=1, calibrate_adc=False, test_limit=50,
+                                                                     calibration_images=16), progress=False)
+    assert report["chips"][0]["calibration"]["adc_ranges"] == {}
 
 
 # ---- errors -----------------------------------------------------------------------------------

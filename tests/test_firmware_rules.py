@@ -258,7 +258,8 @@ def test_code_bytes_describes_the_codes_it_does_not_have_to_match_the_dac():
 REPLY = {m.Hello.TYPE: m.Info.TYPE, m.Forward.TYPE: m.Products.TYPE, m.ReadMap.TYPE: m.Map.TYPE,
          m.PulsesSparse.TYPE: m.PulsesApplied.TYPE, m.PulsesDense.TYPE: m.PulsesApplied.TYPE,
          m.Program.TYPE: m.ProgramReport.TYPE, m.ReadCounters.TYPE: m.CountersReply.TYPE, m.Reset.TYPE: m.Ack.TYPE,
-         m.ProgramDevices.TYPE: m.DevicesReport.TYPE, m.LayerForward.TYPE: m.LayerProducts.TYPE}
+         m.ProgramDevices.TYPE: m.DevicesReport.TYPE, m.LayerForward.TYPE: m.LayerProducts.TYPE,
+         m.SetAdcRange.TYPE: m.AdcRange.TYPE}
 
 
 def test_every_request_vector_is_accepted_by_the_reference_board():

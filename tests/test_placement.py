@@ -111,7 +111,7 @@ def test_a_window_product_drives_only_its_rows_and_converts_only_its_columns():
         tile.forward(x, origin=(64, 0))
     with pytest.raises(ShapeError, match="at origin \\(44, 0\\) must have shape \\(batch, k\\) with 1 <= k <= 20"):
         tile.forward(torch.zeros(1, 21), origin=(44, 0))
-    with pytest.raises(ShapeError, match="outputs must be between 1 and 24"):
+    with pytest.raises(ShapeError, match=r"outputs from column 40 \(origin \(0, 40\)\) must be between 1 and 24"):
         tile.forward(x, 25, origin=(0, 40))
     with pytest.raises(ShapeError, match="do not fit the window"):
         board.group([tile]).forward(x.unsqueeze(0), [13], windows=[window])

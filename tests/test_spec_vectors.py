@@ -8,6 +8,7 @@ fields, and frames assembled here from its payload are byte-identical to its fra
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -327,8 +328,57 @@ def layer_products(p):
     return {"out_format": out_fmt, "codes": (codes, [rows, outputs])}
 
 
+SPEC = VECTORS.parent / "SPEC.md"
+SPEC_TYPES = {"u8": "B", "u16": "H", "u32": "I", "i8": "b", "i16": "h", "f32": "f", "f64": "d"}
+
+
+def spec_section(number: str) -> str:
+    """The text of SPEC.md's section ``number`` (e.g. "8.6"), up to the next section."""
+    text = SPEC.read_text()
+    start = text.index(f"\n### {number} ")
+    end = text.find("\n### ", start + 1)
+    return text[start : end if end > 0 else len(text)]
+
+
+def spec_layout(number: str, message: str):
+    """A fixed-size message's layout, read from its table in SPEC.md: the struct format and
+    the field names (reserved bytes named ``reserved``); the offsets are checked to follow on."""
+    section = spec_section(number)
+    heading, *lines = section[section.index(f"\n{message} (") + 1 :].splitlines()  # "NAME (8 bytes):"
+    size = int(heading.split("(")[1].split()[0])
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0].isdigit():
+            rows.append(cells)
+    fmt, names, offset = "<", [], 0
+    for cell_offset, kind, field, *_ in rows:
+        assert int(cell_offset) == offset, f"{message}: field {field} at {cell_offset}, expected {offset}"
+        fmt += SPEC_TYPES[kind]
+        names.append("reserved" if field.startswith("(reserved") else field)
+        offset += struct.calcsize("<" + SPEC_TYPES[kind])
+    assert struct.calcsize(fmt) == size, f"{message}: its table adds up to {struct.calcsize(fmt)} bytes, not {size}"
+    return fmt, names
+
+
+def spec_decoder(number: str, message: str):
+    fmt, names = spec_layout(number, message)
+
+    def decode(p):
+        assert len(p) == struct.calcsize(fmt)
+        values = dict(zip(names, struct.unpack(fmt, p)))
+        assert values.pop("reserved", 0) == 0
+        return values
+
+    return decode
+
+
 V3 = {**V2, 0x02: forward_v3, 0x09: next_v3, 0x0A: program_devices, 0x8A: devices_report, 0x0B: layer_forward,
-      0x8B: layer_products}
+      0x8B: layer_products, 0x0C: spec_decoder("8.6", "SET_ADC_RANGE"), 0x8C: spec_decoder("8.6", "ADC_RANGE")}
 
 
 # ---- the vectors' own conventions for fields (SPEC.md §6), mapped onto §4's -----------------
@@ -456,6 +506,13 @@ def test_the_worked_examples_of_version_3_read_as_the_spec_says():
     window = bytes.fromhex("01 02 01 00 02 00 02 00 19 00 06 00 01 fe 03 7f 81 00")
     assert forward_v3(window) == {"tile": 1, "flags": 2, "code_bytes": 1, "reserved": 0, "batch": 2, "outputs": 2,
                                   "origin": [25, 6], "codes": ([1, -2, 3, 127, -127, 0], [2, 3])}
+    # §8.6: the bytes its worked example writes, read by the layouts its tables give.
+    example = spec_section("8.6")
+    request = bytes.fromhex(re.search(r"^    payload +([0-9a-f ]+?) +\(", example, re.M).group(1))
+    answer = bytes.fromhex(re.search(r"^    ADC_RANGE +([0-9a-f ]+)$", example, re.M).group(1))
+    assert V3[0x0C](request) == {"tile": 1, "direction": 0, "full_scale_ua": 8.0}
+    reply = V3[0x8C](answer)
+    assert (reply["tile"], reply["direction"]) == (1, 0) and struct.pack("<f", reply["lsb_ua"]) == struct.pack("<f", 8 / 127)
 
 
 def test_crc_check_value_and_cobs_corners_from_the_spec():

@@ -142,7 +142,7 @@ def test_bad_windows_are_refused_by_the_host_before_anything_is_sent(scripted):
             host[1].forward(x, 2, origin=(64, 0))
         with pytest.raises(ShapeError, match=r"at origin \(62, 6\) must have shape \(batch, k\) with 1 <= k <= 2"):
             host[1].forward(x, 2, origin=(62, 6))  # rows 62, 63, 64: past the edge
-        with pytest.raises(ShapeError, match="outputs must be between 1 and 2"):
+        with pytest.raises(ShapeError, match=r"outputs from column 62 \(origin \(25, 62\)\) must be between 1 and 2, got 3"):
             host[1].forward(x, 3, origin=(25, 62))
         with pytest.raises(ShapeError, match=r"block 1 \(20x10\) at origin \(6, 60\) passes the edge of the 64x64 tile"):
             layer_products(host.group([host[0], host[1]]), LayerCut(84, 10, 2, 1), torch.from_numpy(LAYER_CODES),

@@ -1,6 +1,7 @@
 """Post-training calibration of a model programmed on a target chip, without retraining.
 
-Two steps, each switchable, both applied through the analog layers' mapping:
+Three steps, each switchable; the first two apply through the analog layers' mapping, the
+third on the tiles:
 
 - **Column ranges.** Each column (output) of a layer is programmed so that its largest |weight|
   uses the whole conductance range (``high`` levels from the reference), and a digital gain per
@@ -15,6 +16,14 @@ Two steps, each switchable, both applied through the analog layers' mapping:
   candidate, so the chosen range never has a larger error than the no-clipping range. Layers
   are calibrated in order, each on the inputs that the calibrated layers before it give on
   this chip.
+- **ADC ranges.** Each layer's tiles get one ADC full scale (one, because the board sums the
+  row blocks' codes and reads the sum with one LSB). The rule: a search on the chip. The
+  candidates are the power-on full scale times 2^(k/2), k = -12..4 (those the tiles cannot
+  set are left out); for each, the layer runs on its calibration inputs and the mean squared
+  error of its outputs against the host's product with the weights the chip holds is
+  measured; the least wins. The power-on range is a candidate, so the chosen one never has a
+  larger error on the calibration batches. A layer whose tiles also hold another layer's
+  blocks keeps the power-on range.
 
 Each step returns its constants (plain numbers, gathered in a :class:`Calibration`), which a
 deployment saves and :func:`apply_calibration` applies to a chip again.
@@ -28,8 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cim_hil.codes import top_code
+from cim_hil.errors import UnsafeValueError
 from cim_hil.nn import AnalogConv2d, AnalogLayer
 
+ADC_STEPS = tuple(range(-12, 5))  # candidate full scales: the power-on one times 2^(k/2)
 INPUT_QUANTILES = (0.9, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99995, 1.0)
 INPUT_FRACTIONS = tuple(f / 10 for f in range(1, 10))  # fractions of the largest |input| besides
 MAX_QUANTILE_SAMPLES = 1 << 22  # torch.quantile's input limit is 2**24 values; a sample suffices
@@ -42,14 +54,16 @@ class Calibration:
 
     column_gains: dict[str, list[float]] = field(default_factory=dict)  # analog gain per column
     input_ranges: dict[str, float] = field(default_factory=dict)  # DAC full scale, input units
+    adc_ranges: dict[str, float] = field(default_factory=dict)  # the layer's tiles' ADC full scale, uA
 
     def as_dict(self) -> dict:
-        return {"column_gains": self.column_gains, "input_ranges": self.input_ranges}
+        return {"column_gains": self.column_gains, "input_ranges": self.input_ranges, "adc_ranges": self.adc_ranges}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Calibration":
         return cls({k: list(v) for k, v in data.get("column_gains", {}).items()},
-                   {k: float(v) for k, v in data.get("input_ranges", {}).items()})
+                   {k: float(v) for k, v in data.get("input_ranges", {}).items()},
+                   {k: float(v) for k, v in data.get("adc_ranges", {}).items()})
 
 
 def named_analog_layers(model: nn.Module) -> list[tuple[str, AnalogLayer]]:
@@ -129,16 +143,71 @@ def calibrate_input_ranges(model: nn.Module, images: torch.Tensor) -> dict[str, 
     model.eval()
     ranges = {}
     for name, layer in named_analog_layers(model):
-        seen: list[torch.Tensor] = []
-        hook = layer.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach()))
-        try:
-            model(images)
-        finally:
-            hook.remove()
-        inputs, weights = layer_inputs(layer, seen[0])
+        inputs, weights = layer_inputs(layer, _seen_inputs(model, layer, images))
         chosen, _ = choose_input_range(inputs, weights, layer.mapping.spec.input_bits)
         layer.mapping.input_range = chosen
         ranges[name] = chosen
+    return ranges
+
+
+# ---- ADC ranges -----------------------------------------------------------------------------
+def _seen_inputs(model: nn.Module, layer: AnalogLayer, images: torch.Tensor) -> torch.Tensor:
+    """What ``layer`` is given when ``model`` runs on ``images``."""
+    seen: list[torch.Tensor] = []
+    hook = layer.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach()))
+    try:
+        model(images)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def host_products(layer: AnalogLayer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's products, without bias, computed on the host with the weights the chip holds."""
+    if isinstance(layer, AnalogConv2d):
+        return F.conv2d(x, layer.as_kernel(layer.weight), None, layer.stride, layer.padding, layer.dilation)
+    return F.linear(x, layer.weight)
+
+
+def adc_output_error(layer: AnalogLayer, x: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean squared error of the layer's outputs on the chip against ``reference``."""
+    out = layer(x)
+    if layer.bias is not None:
+        out = out - layer.bias.view(1, -1, *([1] * (out.ndim - 2)))
+    return float((out - reference).square().mean())
+
+
+def set_layer_adc_range(layer: AnalogLayer, full_scale_ua: float | None) -> None:
+    for tile in layer.mapping.tiles:
+        tile.set_adc_range(full_scale_ua)
+
+
+def choose_adc_range(layer: AnalogLayer, x: torch.Tensor) -> tuple[float, dict[float, float]]:
+    """The candidate full scale (uA) with the least output error on inputs ``x``, set on the
+    layer's tiles, and every candidate's error."""
+    power_on = layer.mapping.tiles[0].set_adc_range(None) * top_code(layer.mapping.spec.output_bits)
+    reference = host_products(layer, x)
+    errors = {}
+    for step in ADC_STEPS:
+        full_scale = power_on * 2 ** (step / 2)
+        try:
+            set_layer_adc_range(layer, full_scale)
+        except UnsafeValueError:  # beyond what the tiles can set
+            continue
+        errors[full_scale] = adc_output_error(layer, x, reference)
+    chosen = min(errors, key=errors.get)
+    set_layer_adc_range(layer, chosen)
+    return chosen, errors
+
+
+@torch.no_grad()
+def calibrate_adc_ranges(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Set each analog layer's ADC full scale in turn from the calibration ``images``."""
+    model.eval()
+    ranges = {}
+    for name, layer in named_analog_layers(model):
+        if layer.mapping.whole_tiles:
+            ranges[name], _ = choose_adc_range(layer, _seen_inputs(model, layer, images))
     return ranges
 
 
@@ -157,9 +226,11 @@ def calibrate_columns(model: nn.Module, weights: dict[str, torch.Tensor]) -> dic
 @torch.no_grad()
 def apply_calibration(model: nn.Module, weights: dict[str, torch.Tensor], calibration: Calibration) -> None:
     """Apply saved constants to a model programmed on a chip: program the column gains, set the
-    input ranges. Layers a step does not name keep their defaults."""
+    input ranges and the ADC ranges. Layers a step does not name keep their defaults."""
     for name, layer in named_analog_layers(model):
         if name in calibration.column_gains:
             program_columns(layer, weights[name], torch.tensor(calibration.column_gains[name]))
         if name in calibration.input_ranges:
             layer.mapping.input_range = calibration.input_ranges[name]
+        if name in calibration.adc_ranges:
+            set_layer_adc_range(layer, calibration.adc_ranges[name])

@@ -16,7 +16,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     deploy.add_argument("--first-seed", type=int, help="emulator chip k gets seed FIRST_SEED + k (default 1000)")
     deploy.add_argument("--no-column-calibration", action="store_true", help="keep one conductance range per layer")
     deploy.add_argument("--no-input-calibration", action="store_true", help="keep scaling each input to the DAC's range")
-    deploy.add_argument("--calibration-images", type=int, help="training digits the input calibration sees (default 128)")
+    deploy.add_argument("--no-adc-calibration", action="store_true", help="keep each tile's power-on ADC range")
+    deploy.add_argument("--calibration-images", type=int, help="training digits the input and ADC calibration see "
+                        "(default 128)")
     deploy.add_argument("--test-limit", type=int, help="evaluate on the first N test digits only")
     deploy.add_argument("--data-dir", help="directory with the MNIST IDX files (default: offline data)")
     deploy.add_argument("--out", help="directory for deployment.json and the histogram (default: CHECKPOINT/deploy)")
@@ -38,6 +40,7 @@ def run_deploy(args: argparse.Namespace) -> None:
         "first_seed": args.first_seed,
         "calibrate_columns": False if args.no_column_calibration else None,
         "calibrate_inputs": False if args.no_input_calibration else None,
+        "calibrate_adc": False if args.no_adc_calibration else None,
         "calibration_images": args.calibration_images,
         "test_limit": args.test_limit if args.test_limit is not None else trained.config.get("test_limit"),
     }

@@ -24,10 +24,17 @@ from tqdm import tqdm
 
 from cim_hil.board import Board, open_board
 from cim_hil.config import EmulatorConfig, SoCConfig, Strict
-from cim_hil.deploy.calibrate import Calibration, calibrate_columns, calibrate_input_ranges, named_analog_layers
+from cim_hil.deploy.calibrate import (
+    Calibration,
+    calibrate_adc_ranges,
+    calibrate_columns,
+    calibrate_input_ranges,
+    named_analog_layers,
+)
 from cim_hil.deploy.checkpoint import TrainedModel, _mapped_layers
 from cim_hil.errors import CimHilError
 from cim_hil.nn import MappingConfig, convert_to_analog, count_tiles
+from cim_hil.tile import Capability
 from cim_hil.training.mnist import MNIST, Split
 
 RESULTS = "deployment.json"
@@ -40,12 +47,13 @@ class DeployConfig(Strict):
     first_seed: int = Field(1000, ge=0, description="emulator chip k gets seed first_seed + k (the training chip: 0)")
     calibrate_columns: bool = Field(True, description="scale each column to the full conductance range")
     calibrate_inputs: bool = Field(True, description="a fixed DAC input range per layer from activation statistics")
-    calibration_images: int = Field(128, ge=1, description="training-split digits the input calibration sees")
+    calibrate_adc: bool = Field(True, description="an ADC full scale per layer's tiles from a search on the chip")
+    calibration_images: int = Field(128, ge=1, description="training-split digits the input and ADC calibration see")
     test_limit: int | None = Field(None, ge=1, description="evaluate on the first N test digits only")
 
     @property
     def calibrates(self) -> bool:
-        return self.calibrate_columns or self.calibrate_inputs
+        return self.calibrate_columns or self.calibrate_inputs or self.calibrate_adc
 
 
 def chip_urls(urls: list[str], config: DeployConfig) -> list[tuple[str, int | None]]:
@@ -126,6 +134,9 @@ class Deployment:
         if self.trained.levels and spec.levels - 1 < max(int(v.abs().max()) for v in self.trained.levels.values()):
             raise CimHilError(f"the chip at {url} has {spec.levels} levels per device, fewer than the model was "
                               "trained on")
+        if self.config.calibrate_adc and not spec.supports(Capability.ADC_RANGE):
+            raise CimHilError(f"the chip at {url} cannot set its ADC range (no '{Capability.ADC_RANGE}' capability); "
+                              "deploy with --no-adc-calibration")
 
     def run_chip(self, url: str, seed: int | None) -> dict:
         """Program, evaluate, calibrate and evaluate one chip; returns its row of results."""
@@ -144,13 +155,17 @@ class Deployment:
                 "programming_pulses": programmed.pulses - before.pulses,
                 "accuracy": accuracy(analog, self.test),
             }
-            constants = Calibration()
-            if self.config.calibrate_columns:
+            constants, config = Calibration(), self.config
+            if config.calibrate_columns:
                 constants.column_gains = calibrate_columns(analog, self.weights)
-                if self.config.calibrate_inputs:  # what the columns alone recover
+                if config.calibrate_inputs or config.calibrate_adc:  # what the columns alone recover
                     row["columns_accuracy"] = accuracy(analog, self.test)
-            if self.config.calibrate_inputs:
+            if config.calibrate_inputs:
                 constants.input_ranges = calibrate_input_ranges(analog, self.calibration_images)
+                if config.calibrate_adc:  # what the steps before the ADC's recover
+                    row["inputs_accuracy"] = accuracy(analog, self.test)
+            if config.calibrate_adc:
+                constants.adc_ranges = calibrate_adc_ranges(analog, self.calibration_images)
             if self.config.calibrates:
                 row["calibrated_accuracy"] = accuracy(analog, self.test)
                 row["calibration"] = constants.as_dict()
@@ -193,8 +208,9 @@ class Deployment:
         if self.config.calibrates:
             calibrated = [row["calibrated_accuracy"] for row in rows]
             report["calibrated_accuracy"] = _summary(calibrated)
-            if "columns_accuracy" in rows[0]:
-                report["columns_accuracy"] = _summary([row["columns_accuracy"] for row in rows])
+            for step in ("columns_accuracy", "inputs_accuracy"):
+                if step in rows[0]:
+                    report[step] = _summary([row[step] for row in rows])
             if reference is not None:
                 report["calibrated_drop_points"] = 100 * (reference - statistics.fmean(calibrated))
                 drop = reference - statistics.fmean(plain)

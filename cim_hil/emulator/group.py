@@ -54,7 +54,14 @@ class EmulatedGroup(TileGroup):
 
     # ---- products -------------------------------------------------------------------------
     def _products(self, x: torch.Tensor, outputs: list[int], transpose: bool, in_range: bool) -> torch.Tensor:
+        if not self._one_adc_range(transpose):  # each tile converts with its own LSB: one at a time
+            return super()._products(x, outputs, transpose, in_range)
         return self._plan(outputs, transpose).run(x, in_range)
+
+    def _one_adc_range(self, transpose: bool) -> bool:
+        """Whether every tile's ADC in this direction has the same full scale (``set_adc_range``)."""
+        adcs = [tile.backward_adc if transpose else tile.forward_adc for tile in self.tiles]
+        return all(adc.full_scale == adcs[0].full_scale for adc in adcs)
 
     def _layer_products(
         self, cut: LayerCut, codes: torch.Tensor, convolution: Convolution | None,
@@ -64,8 +71,9 @@ class EmulatedGroup(TileGroup):
         the board, by the same :func:`unroll` a host uses), every tile's ADC codes, the row
         blocks' codes summed digitally, then one multiply by the LSB. Blocks packed into
         windows run as the group's windowed products, their currents summed (the numbers packed
-        layers have always had here)."""
-        if origins is not None:
+        layers have always had here), as do tiles whose ADCs differ (codes of different LSBs do
+        not add up)."""
+        if origins is not None or not self._one_adc_range(False):
             return products_of_blocks(self, cut, codes, convolution, origins)
         spec = self.spec
         plan = self._plan(cut.outputs(spec.cols), False)
@@ -74,7 +82,9 @@ class EmulatedGroup(TileGroup):
         return summed.mul_(plan.adc.lsb)  # a view of codes made here: scaled in place
 
     def _plan(self, outputs: list[int], transpose: bool) -> ProductPlan:
-        key = (tuple(outputs), transpose)
+        first = self.tiles[0]
+        adc = first.backward_adc if transpose else first.forward_adc
+        key = (tuple(outputs), transpose, adc.full_scale)  # a plan converts with the ADC it was made for
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= MAX_KEPT_PLANS:  # a caller that varies its output counts keeps no more than this
@@ -92,6 +102,8 @@ class EmulatedGroup(TileGroup):
                 self._difference(kept_factor, out=matrices)
             self._matrices_version = version
         if factor not in self._differences:
+            if len(self._differences) >= MAX_KEPT_PLANS:  # one per ADC range tried: no more than this
+                self._differences.clear()
             self._differences[factor] = self._difference(factor)
         return self._differences[factor]
 

@@ -17,6 +17,7 @@ from cim_hil.emulator.group import EmulatedGroup
 from cim_hil.emulator.periphery import ADC, quantise_unsigned
 from cim_hil.emulator.store import DeviceStore
 from cim_hil.emulator.timing import TimingModel
+from cim_hil.errors import UnsafeValueError
 from cim_hil.group import program_masked
 from cim_hil.tile import Capability, Counters, ProgramResult, Tile, TileSpec, Window
 
@@ -28,6 +29,7 @@ def as_float32(value: float) -> float:
 
 
 READ_FULL_SCALE_HEADROOM = 1.25  # conductance reads convert over [0, 1.25 * g_max] (ours)
+SMALLEST_ADC_FRACTION = 2.0**-12  # the least ADC full scale it can set, of the largest current (ours)
 
 
 class EmulatedTile(Tile):
@@ -51,6 +53,8 @@ class EmulatedTile(Tile):
         rows, cols = config.soc.rows, config.soc.cols
         dev, per = config.device, config.periphery
         capabilities = {Capability.ANALOG_PRODUCTS, Capability.PULSES, Capability.WRITE_VERIFY}
+        if per.adc_range_settable:
+            capabilities.add(Capability.ADC_RANGE)
         if per.transpose:
             capabilities.add(Capability.TRANSPOSE)
         if per.reference_devices:
@@ -78,24 +82,50 @@ class EmulatedTile(Tile):
         spacing = dev.level_spacing_us
         self.read_noise_us = dev.read_noise_levels * spacing
         self.programming_error_us = dev.programming_error_levels * spacing
-        adc_noise = per.adc_noise_levels * spacing * per.v_read
-        largest_current = per.v_read * dev.range_us
-        self.forward_adc = ADC(per.output_bits, per.adc_full_scale_fraction * largest_current * rows, adc_noise)
-        self.backward_adc = ADC(per.output_bits, per.adc_full_scale_fraction * largest_current * cols, adc_noise)
+        self.adc_noise = per.adc_noise_levels * spacing * per.v_read
+        self.largest_current = per.v_read * dev.range_us  # per driven line: a device at full range
+        self.forward_adc, self.backward_adc = self.power_on_adc(False), self.power_on_adc(True)
         self.read_full_scale_us = READ_FULL_SCALE_HEADROOM * dev.g_max_us
         self.read_lsb_us = self.read_full_scale_us / (2**per.output_bits - 1)
         # Without reference devices the periphery subtracts a fixed mid-range current.
         self.fixed_reference_us = (dev.g_min_us + dev.g_max_us) / 2
         self._alone = EmulatedGroup([self])
 
+    def power_on_adc(self, transpose: bool) -> ADC:
+        """The forward (transpose) ADC as the board opens: ``adc_full_scale_fraction`` of the
+        largest current of all rows (columns) driven."""
+        lines = self.spec.cols if transpose else self.spec.rows
+        fraction = self.config.periphery.adc_full_scale_fraction
+        return ADC(self.config.periphery.output_bits, fraction * self.largest_current * lines, self.adc_noise)
+
+    def _set_adc_range(self, full_scale_ua: float | None, transpose: bool) -> float:
+        """A new ADC of that full scale, anywhere from ``SMALLEST_ADC_FRACTION`` to all of the
+        largest current; the groups' product plans see it and are made again."""
+        if full_scale_ua is None:
+            adc = self.power_on_adc(transpose)
+        else:
+            largest = self.largest_current * (self.spec.cols if transpose else self.spec.rows)
+            if not SMALLEST_ADC_FRACTION * largest <= full_scale_ua <= largest:
+                raise UnsafeValueError(
+                    f"ADC full scale {full_scale_ua:.6g} uA is outside what this tile can set: "
+                    f"{SMALLEST_ADC_FRACTION * largest:.6g} to {largest:.6g} uA; nothing was set")
+            adc = ADC(self.config.periphery.output_bits, full_scale_ua, self.adc_noise)
+        if transpose:
+            self.backward_adc = adc
+        else:
+            self.forward_adc = adc
+        return as_float32(adc.lsb)  # as a board reports it (SPEC.md §8.6)
+
     # ---- emulator state (checkpoints) -----------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything that makes this tile's future numbers: devices, references, random stream."""
+        """Everything that makes this tile's future numbers: devices, references, random stream,
+        the ADCs' full scales."""
         return {
             "devices": self.devices.state_dict(),
             "references": self.references.state_dict() if self.references is not None else None,
             "generator": self.generator.get_state(),
             "counters": asdict(self.counters),
+            "adc_full_scales_ua": [self.forward_adc.full_scale, self.backward_adc.full_scale],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -104,6 +134,15 @@ class EmulatedTile(Tile):
             self.references.load_state_dict(state["references"])
         self.generator.set_state(state["generator"])
         self.counters = Counters(**state["counters"])
+        # A state saved before ADC ranges could be set had the power-on ones.
+        for transpose, full_scale in enumerate(state.get("adc_full_scales_ua", [None, None])):
+            adc = self.power_on_adc(bool(transpose))
+            if full_scale is not None and full_scale != adc.full_scale:
+                adc = ADC(self.config.periphery.output_bits, full_scale, self.adc_noise)
+            if transpose:
+                self.backward_adc = adc
+            else:
+                self.forward_adc = adc
 
     # ---- products -------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, outputs: int) -> torch.Tensor:

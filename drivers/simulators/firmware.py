@@ -179,6 +179,10 @@ class BoardFirmware:
                   m.PulsesDense: [m.CapabilityBit.pulses], m.Program: [m.CapabilityBit.write_verify]}.get(type(message), [])
         if isinstance(message, m.Forward) and message.transpose:
             needed.append(m.CapabilityBit.transpose)
+        if isinstance(message, m.SetAdcRange):
+            needed.append(m.CapabilityBit.adc_range)
+            if message.direction == 1:
+                needed.append(m.CapabilityBit.transpose)
         if isinstance(message, (m.Program, m.ReadMap)) and message.array == 1:
             needed.append(m.CapabilityBit.reference)
         have = capability_bits(self.board[0].spec.capabilities)
@@ -212,7 +216,7 @@ class BoardFirmware:
         return m.Info(
             protocol_version=self.protocol_version, firmware_major=major, firmware_minor=minor,
             firmware_patch=patch, tiles=len(self.board), clock_hz=int(tile.counters.clock_hz),
-            forward_lsb_ua=tile.forward_adc.lsb, backward_lsb_ua=tile.backward_adc.lsb,
+            forward_lsb_ua=tile.power_on_adc(False).lsb, backward_lsb_ua=tile.power_on_adc(True).lsb,
             read_lsb_us=tile.read_lsb_us, max_payload=MAX_PAYLOAD,
             **{**info_fields(tile.spec), "capabilities": info_fields(tile.spec)["capabilities"]
                | (m.WINDOWS_BIT if self.windows else 0)},
@@ -368,10 +372,25 @@ class BoardFirmware:
                 codes = codes.view(len(codes), g.channels, g.height, g.width)
             else:
                 codes = codes.view(len(codes), g.height, g.width, g.channels).permute(0, 3, 1, 2)
+        lsbs = {tile.forward_adc.lsb for tile in tiles}
+        if len(lsbs) > 1:  # the row blocks' codes are summed, and the sum read with one LSB
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"the layer's tiles convert with {len(lsbs)} different ADC ranges; "
+                          "LAYER_FORWARD needs one")
         origins = request.origins.tolist() if request.origins is not None and self.windows else None
         currents = layer_products(self._group(request.tiles.tolist()), cut, codes, convolution, origins)
         outputs = torch.round(currents.cpu() / tiles[0].forward_adc.lsb)
         return m.LayerProducts(request.out_format, outputs.numpy().astype(np.int16))
+
+    def _on_setadcrange(self, request: m.SetAdcRange) -> m.AdcRange:
+        tile = self._tile(request.tile)
+        if request.direction not in (0, 1):
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"direction {request.direction} is neither 0 (forward) nor 1 (transpose)")
+        full_scale = request.full_scale_ua
+        if full_scale != 0 and not (math.isfinite(full_scale) and full_scale > 0):
+            raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"full scale {full_scale} uA is neither 0 (power-on) nor finite "
+                          "and positive")
+        lsb = tile.set_adc_range(full_scale or None, transpose=bool(request.direction))
+        return m.AdcRange(request.tile, request.direction, lsb)
 
     def _on_readcounters(self, request: m.ReadCounters) -> m.CountersReply:
         c = self._tile(request.tile).counters
