@@ -1,9 +1,10 @@
 """The training algorithms side by side on soft-bounds devices with the reference chip's noise.
 
-The network is the zero-shifting paper's 3-layer fully connected kind (784-256-128-10 there),
-on 14x14 digits and narrower: 196-64-32-10 with ReLU (6 tiles of 64x64, 12 with A). LeNet-5
-does not fit the sweep: from scratch by pulses it needs many more epochs than 15 minutes on
-two cores allow (the README has the measured figures). Prints one JSON object.
+The network is the zero-shifting paper's kind of 3-layer fully connected network (the RPU
+papers it builds on train 784-256-128-10), on 14x14 digits and narrower: 196-64-32-10 with
+ReLU (6 tiles of 64x64, 12 with A). LeNet-5 does not fit the sweep: from scratch by pulses it
+needs many more epochs than 15 minutes on two cores allow (the README has the measured
+figures). Prints one JSON object.
 
 Every run trains on the same digits in the same batches with the same seeds. Each arm's
 learning rate (for the transfer family: lr and transfer_lr together, then ``in_chop_prob``) is
