@@ -191,6 +191,8 @@ class Tile(ABC):
             self._require(Capability.TRANSPOSE)
         if full_scale_ua is not None:
             try:
+                if isinstance(full_scale_ua, bool):
+                    raise TypeError
                 full_scale_ua = float(full_scale_ua)
             except (TypeError, ValueError):
                 raise UnsafeValueError(f"an ADC full scale must be a number of uA, got {full_scale_ua!r}") from None

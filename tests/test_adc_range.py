@@ -67,7 +67,8 @@ def test_bad_full_scales_are_refused_and_change_nothing():
     tile = build_emulator(SMALL)[0]
     before = tile.forward_adc
     for value, message in [(0.0, "positive and finite"), (-1.0, "positive and finite"), (math.nan, "positive"),
-                           (math.inf, "positive"), ("big", "must be a number"), (1e6, "outside what this tile can set")]:
+                           (math.inf, "positive"), ("big", "must be a number"), (True, "must be a number"),
+                           (1e6, "outside what this tile can set")]:
         with pytest.raises(UnsafeValueError, match=message):
             tile.set_adc_range(value)
     assert tile.forward_adc is before
