@@ -119,3 +119,21 @@ def test_a_board_without_a_wait_refuses_clearly():
     finally:
         served.stop()
     assert open_board("emulator:?tiles=1").can_let_time_pass
+
+
+def test_a_composite_board_waits_on_every_member_or_none():
+    with open_board("composite:emulator:?tiles=1&rows=16&cols=16|emulator:?tiles=1&rows=16&cols=16&first_tile=1") as both:
+        assert both.can_let_time_pass
+        both.let_time_pass(60.0)
+        assert [member.store.clock_s for member in both.members] == [60.0, 60.0]
+    served = VirtualBoard(make_config(soc=dict(tiles=1, rows=16, cols=16)))
+    url = served.open_tcp()
+    served.start()
+    try:
+        with open_board(f"composite:emulator:?tiles=1&rows=16&cols=16|{url}") as mixed:
+            assert not mixed.can_let_time_pass
+            with pytest.raises(CapabilityError, match="member 1 .*cannot let time pass"):
+                mixed.let_time_pass(1.0)
+            assert mixed.members[0].store.clock_s == 0.0
+    finally:
+        served.stop()
