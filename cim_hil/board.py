@@ -75,9 +75,10 @@ class Board:
 
     def let_time_pass(self, seconds: float) -> None:
         """Let ``seconds`` pass with the chip idle, as a deployed chip waits between being
-        programmed and being used: its conductances relax meanwhile. On a real board that is a
-        wait; the emulator advances its clock and moves its devices by its relaxation model
-        (:mod:`cim_hil.emulator.relaxation`). A board that cannot is a ``CapabilityError``."""
+        programmed and being used: its conductances relax meanwhile. On a real board it means a
+        wait (the serial driver has none yet); the emulator advances its clock and moves its
+        devices by its relaxation model (:mod:`cim_hil.emulator.relaxation`). A board that
+        cannot is a ``CapabilityError``."""
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < math.inf:
             raise UnsafeValueError(f"a time to let pass must be a finite number of seconds >= 0, got {seconds!r}; "
                                    "nothing changed")
