@@ -24,8 +24,8 @@ import torch
 
 from cim_hil.board import Board, open_board
 from cim_hil.errors import BoardError, CimHilError
-from cim_hil.group import TileGroup
-from cim_hil.tile import Counters, ProgramResult, Tile, TileSpec
+from cim_hil.group import TileGroup, cut_to_windows, padded_to_windows
+from cim_hil.tile import Counters, ProgramResult, Tile, TileSpec, Window
 
 SEPARATOR = "|"
 T = TypeVar("T")
@@ -159,6 +159,30 @@ class CompositeGroup(TileGroup):
         def part(entries: torch.Tensor, group: TileGroup) -> Callable[[], torch.Tensor]:
             widths = [outputs[index] for index in entries.tolist()]
             return lambda: group._products(x[entries], widths, transpose, in_range)
+
+        results = self.composite.each([(member, part(entries, group)) for member, entries, group in self.parts])
+        out = torch.zeros(len(self), x.shape[1], max(outputs))
+        for (_, entries, _), result in zip(self.parts, results):
+            out[entries, :, : result.shape[2]] = result.cpu()
+        return out
+
+    def _products_on(
+        self, x: torch.Tensor, outputs: list[int], transpose: bool, in_range: bool, windows: list[Window] | None,
+    ) -> torch.Tensor:
+        """Blocks on windows: a member that reads windows (a serial board whose firmware does)
+        is handed its entries' windows; every other member its entries padded as the whole
+        group pads them, so its numbers are those it gives alone."""
+        if windows is None or not any(group.reads_windows for _, _, group in self.parts):
+            return super()._products_on(x, outputs, transpose, in_range, windows)
+        padded, wide, firsts = padded_to_windows(x, outputs, transpose, windows)
+
+        def part(entries: torch.Tensor, group: TileGroup) -> Callable[[], torch.Tensor]:
+            chosen = entries.tolist()
+            widths = [outputs[index] for index in chosen]
+            if group.reads_windows:
+                return lambda: group._products_on(x[entries], widths, transpose, in_range, [windows[i] for i in chosen])
+            return lambda: cut_to_windows(group._products(padded[entries], [wide[i] for i in chosen], transpose, in_range),
+                                          widths, [firsts[i] for i in chosen])
 
         results = self.composite.each([(member, part(entries, group)) for member, entries, group in self.parts])
         out = torch.zeros(len(self), x.shape[1], max(outputs))

@@ -99,22 +99,14 @@ class TileGroup:
         and the ones before it dropped, as a lone tile's windowed product (``pad_inputs``)."""
         if windows is None:
             return self._products(x, outputs, transpose, in_range)
-        k = x.shape[2]
-        starts, firsts, driven = [], [], []
-        for (r0, r1, c0, c1) in windows:
-            (start, stop), first = ((c0, c1), r0) if transpose else ((r0, r1), c0)
-            starts.append(start)
-            firsts.append(first)
-            driven.append(min(k, stop - start))
-        padded = x.new_zeros(len(self), x.shape[1], max(s + d for s, d in zip(starts, driven)))
-        for entry, inputs, start, count in zip(padded, x, starts, driven):
-            entry[:, start : start + count] = inputs[:, :count]
-        wide = [first + width for first, width in zip(firsts, outputs)]
-        result = self._products(padded, wide, transpose, in_range)
-        out = result.new_zeros(len(self), x.shape[1], max(outputs))
-        for index, (first, width) in enumerate(zip(firsts, outputs)):
-            out[index, :, :width] = result[index, :, first : first + width]
-        return out
+        padded, wide, firsts = padded_to_windows(x, outputs, transpose, windows)
+        return cut_to_windows(self._products(padded, wide, transpose, in_range), outputs, firsts)
+
+    @property
+    def reads_windows(self) -> bool:
+        """Whether the backend is sent a window itself rather than the padding it stands for
+        (a serial board whose firmware reads windows); the plain group pads."""
+        return False
 
     def _products(self, x: torch.Tensor, outputs: list[int], transpose: bool, in_range: bool) -> torch.Tensor:
         """The backend hook for products of checked inputs. ``in_range``: the caller has put
@@ -236,6 +228,33 @@ class TileGroup:
         if not self.distinct:
             raise ShapeError("this group names a tile more than once: it runs products only (one array must not "
                              "be written twice in one call); program through a group of distinct tiles")
+
+
+def padded_to_windows(
+    x: torch.Tensor, outputs: list[int], transpose: bool, windows: list[Window],
+) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Entry i's inputs ``x[i]`` placed on its window's lines, zeros before (and the inputs past
+    the window dropped), all as wide as the widest: (padded inputs, the outputs to convert up to
+    each window's end, each window's first output)."""
+    k = x.shape[2]
+    starts, firsts, driven = [], [], []
+    for (r0, r1, c0, c1) in windows:
+        (start, stop), first = ((c0, c1), r0) if transpose else ((r0, r1), c0)
+        starts.append(start)
+        firsts.append(first)
+        driven.append(min(k, stop - start))
+    padded = x.new_zeros(len(windows), x.shape[1], max(s + d for s, d in zip(starts, driven)))
+    for entry, inputs, start, count in zip(padded, x, starts, driven):
+        entry[:, start : start + count] = inputs[:, :count]
+    return padded, [first + width for first, width in zip(firsts, outputs)], firsts
+
+
+def cut_to_windows(result: torch.Tensor, outputs: list[int], firsts: list[int]) -> torch.Tensor:
+    """The padded products' outputs from each window's first: (entries, batch, max(outputs))."""
+    out = result.new_zeros(len(outputs), result.shape[1], max(outputs))
+    for index, (first, width) in enumerate(zip(firsts, outputs)):
+        out[index, :, :width] = result[index, :, first : first + width]
+    return out
 
 
 def program_masked(

@@ -149,7 +149,8 @@ class SerialGroup(TileGroup):
 
     tiles: tuple[SerialTile, ...]
 
-    def _windowed(self) -> bool:
+    @property
+    def reads_windows(self) -> bool:
         """Whether the group's tiles share one link to a board that reads windows."""
         first = self.tiles[0]
         return all(tile.link is first.link and tile.windows for tile in self.tiles)
@@ -159,7 +160,7 @@ class SerialGroup(TileGroup):
     ) -> torch.Tensor:
         """Blocks on windows go as FORWARDs that name their windows, where the board reads
         them (SPEC.md §8.5): only each window's inputs travel, only its outputs come back."""
-        if windows is None or not self._windowed():
+        if windows is None or not self.reads_windows:
             return super()._products_on(x, outputs, transpose, in_range, windows)
         out = torch.zeros(len(self), x.shape[1], max(outputs))
         for index, (tile, inputs, width, (r0, r1, c0, c1)) in enumerate(zip(self.tiles, x, outputs, windows)):
@@ -177,7 +178,7 @@ class SerialGroup(TileGroup):
         tiles = self.tiles
         first = tiles[0]
         if (any(tile.link is not first.link or tile.lsbs_ua[0] != first.lsbs_ua[0] for tile in tiles)
-                or (origins is not None and not self._windowed())):  # (the board sums codes of one LSB only)
+                or (origins is not None and not self.reads_windows)):  # (the board sums codes of one LSB only)
             return products_of_blocks(self, cut, codes, convolution, origins)
         spec, lsb = first.spec, first.lsbs_ua[0]
         in_format = CodeFormat.I8_ZERO_RUNS if spec.input_bits <= 8 else CodeFormat.I16

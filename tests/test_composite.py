@@ -9,6 +9,7 @@ from torch import nn
 from cim_hil.board import open_board
 from cim_hil.errors import BoardError
 from cim_hil.nn import MappingConfig, analog_layers, convert_to_analog
+from cim_hil.nn.placement import plan_placement
 from cim_hil.training import MixedPrecisionOptimizer
 from drivers.simulators.virtual_board import VirtualBoard
 from tests.conftest import make_config
@@ -36,8 +37,8 @@ def _model():
     return nn.Sequential(nn.Linear(40, 50), nn.ReLU(), nn.Linear(50, 10))  # 2 x 2 blocks, then 2 x 1: 6 tiles
 
 
-def _train(board, steps=3):
-    analog = convert_to_analog(_model(), board, MappingConfig(differential=True, backward="analog"))
+def _train(board, steps=3, placement=None):
+    analog = convert_to_analog(_model(), board, MappingConfig(differential=True, backward="analog"), placement)
     optimizer = MixedPrecisionOptimizer(analog, lr=0.05, rule="adam")
     generator = torch.Generator().manual_seed(0)
     outputs = []
@@ -74,6 +75,33 @@ def test_a_virtual_board_plus_emulated_tiles_gives_the_numbers_of_one_emulator(s
         assert total.products == each[0].products + each[1].products == alone.counters.products
         assert total.cycles == alone.counters.cycles
         assert composite.info()["members"][0]["link"]["frames_out"] > 0
+
+
+def test_packed_layers_across_members_send_their_windows_and_give_one_emulators_numbers(served):
+    """Packed on 3 tiles, both layers span the virtual board (tiles 0-1) and the emulated tile
+    2, with blocks at offsets: the serial member is sent windows, the emulated one pads."""
+    url, _, chip = served
+    placement = plan_placement(_model(), 32, 32, tiles=3)
+    assert {b.layer for b in placement.blocks if b.tile < 2} == {b.layer for b in placement.blocks if b.tile == 2}
+    assert any(b.row or b.col for b in placement.blocks if b.tile < 2)
+    before = VirtualBoard(CHIP, windows=False)  # firmware from before windows: sent the padding
+    with before:
+        before_url = before.open_tcp()
+        before.start()
+        with open_board(f"emulator:{chip}?tiles=3") as alone, \
+                open_board(f"composite:{url}|emulator:{chip}?tiles=1&first_tile=2") as composite, \
+                open_board(f"composite:{before_url}|emulator:{chip}?tiles=1&first_tile=2") as padded:
+            expected, _, expected_outputs = _train(alone, placement=placement)
+            runs = [_train(board, placement=placement) for board in (composite, padded)]
+            for got, _, outputs in runs:
+                assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(expected_outputs, outputs))
+                for a, b in zip(analog_layers(expected), analog_layers(got)):
+                    assert torch.equal(a.weight, b.weight) and torch.equal(a.levels, b.levels)
+            for tile_alone, tile, tile_padded in zip(alone, composite, padded):  # each tile's first read
+                read = tile_alone.read_conductances()
+                assert torch.equal(read, tile.read_conductances()) and torch.equal(read, tile_padded.read_conductances())
+            windowed, padding = (board.members[0].counters for board in (composite, padded))
+            assert windowed.link_bytes_out + windowed.link_bytes_in < padding.link_bytes_out + padding.link_bytes_in
 
 
 def test_a_failing_member_is_named_and_the_host_state_is_kept(served):
