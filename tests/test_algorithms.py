@@ -31,12 +31,17 @@ IN, OUT, STEPS, LR = 8, 4, 600, 0.05
 STEP_US = 0.1
 DEVICE = dict(IDEAL["device"], step_up_us=STEP_US, step_down_us=STEP_US, step_d2d=0.0)
 MAPPING = MappingConfig(programming="pulses", pulse_step_us=STEP_US / 2, weight_fill=0.25)
-OPTIONS = AlgorithmConfig(transfer_lr=0.05, transfer_columns=IN, settle_pairs=1500)
-# Stated tolerances, |W - W_sgd| / |W_sgd| after 600 steps. The transfer family lags SGD: C
-# integrates A, which integrates the gradient, and only A's decay to its symmetry point damps
-# the overshoot, which fine symmetric devices barely have; c-TTv2's chopper also cancels what
-# A holds from before each flip. AGAD counts only what A moved since the last flip.
-TOLERANCE = {"sgd": 0.1, "ttv2": 0.6, "c-ttv2": 0.8, "agad": 0.15}
+# The transfer family runs with A fast and the buffer slow (aihwkit sets the two apart too:
+# fast_lr for A, transfer_lr for H): C's stiffness lr_A * transfer_lr is LR * 0.05, and A
+# takes enough pulses for its decay to its symmetry point to damp C. With a slow A (lr_A 0.05,
+# transfer_lr 0.05) the same algorithms are a nearly undamped double integrator (C integrates
+# A, which integrates the gradient) and sit 0.43 (TTv2) / 0.68 (c-TTv2) from SGD.
+FAST_LR = 0.8
+OPTIONS = AlgorithmConfig(transfer_lr=LR * 0.05 / FAST_LR, transfer_columns=IN, settle_pairs=1500)
+# Stated tolerances, |W - W_sgd| / |W_sgd| after 600 steps. At each of c-TTv2's random flips what
+# A holds is read with the other sign until A has decayed, so C follows less closely than with
+# TTv2; AGAD counts only what A moved since the last flip.
+TOLERANCE = {"sgd": 0.1, "ttv2": 0.15, "c-ttv2": 0.3, "agad": 0.15}
 
 
 def problem(steps: int = STEPS):
@@ -84,7 +89,7 @@ def run(algorithm: str, start, x, y, chip=None, reference_offset_us: float = 0.0
             calibrate_references(chip[1])
             if reference_offset_us:  # every reference of A off its symmetry point by the same amount
                 chip[1].program_reference(chip[1].references.g + reference_offset_us)
-        optimizer = TransferOptimizer(model, fast_arrays(model, chip.tiles[1:]), lr=LR, algorithm=algorithm,
+        optimizer = TransferOptimizer(model, fast_arrays(model, chip.tiles[1:]), lr=FAST_LR, algorithm=algorithm,
                                       options=options)
     train(optimizer, model, x, y)
     return model, chip, optimizer
@@ -136,7 +141,8 @@ def test_agad_needs_no_reference_array():
     model = convert_to_analog(nn.Sequential(start), chip, MAPPING)
     with pytest.raises(CapabilityError, match="agad"):
         TransferOptimizer(model, fast_arrays(model, chip.tiles[1:]), lr=LR, algorithm="c-ttv2", options=OPTIONS)
-    optimizer = TransferOptimizer(model, fast_arrays(model, chip.tiles[1:]), lr=LR, algorithm="agad", options=OPTIONS)
+    optimizer = TransferOptimizer(model, fast_arrays(model, chip.tiles[1:]), lr=FAST_LR, algorithm="agad",
+                                  options=OPTIONS)
     train(optimizer, model, x, y)
     tile = chip[0]  # without reference devices the periphery subtracts a fixed mid-range current
     weights = ((tile.devices.g[:IN, :OUT] - tile.fixed_reference_us) * model[0].mapping.scale).T

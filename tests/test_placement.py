@@ -145,7 +145,7 @@ def test_training_steps_on_layers_packed_on_one_tile_keep_host_and_devices_in_st
     assert optimizer.last_step["devices_programmed"] > 0
     g = board[0].read_conductances() - board[0].read_reference()  # one array holds both layers
     for layer in analog_layers(analog):
-        on_devices = layer.mapping._from_tiles(g.unsqueeze(0)) * layer.mapping.scale
+        on_devices = layer.mapping.from_tiles(g.unsqueeze(0)) * layer.mapping.scale
         assert torch.allclose(layer.weight, on_devices, atol=1e-5)
 
 

@@ -173,8 +173,10 @@ class TileMapping:
         stacked[self.device_index.view(-1)] = logical.reshape(-1)
         return stacked.view(-1, rows, cols)
 
-    def _from_tiles(self, stacked: torch.Tensor) -> torch.Tensor:
-        """The logical (out, in) matrix back from a stack (tiles, rows, cols)."""
+    def from_tiles(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The logical (out, in) matrix back from a stack (tiles, rows, cols) laid out as this
+        mapping's tiles: what its own tiles hold, or tiles beside them at the same places (a
+        Tiki-Taka fast array)."""
         return stacked.cpu().reshape(-1)[self.device_index]
 
     def _block_widths(self, size: int, block: int, count: int) -> list[int]:
@@ -230,7 +232,7 @@ class TileMapping:
         for index, tile in enumerate(self.tiles if tiles is None else tiles):
             if stacked[index].any():
                 applied[index] = tile.apply_pulses(stacked[index]).cpu()
-        return self._from_tiles(applied)
+        return self.from_tiles(applied)
 
     def program_weights_open_loop(self, weights: torch.Tensor, reference_reads: int = 8) -> torch.Tensor:
         """Pulse mode start: write-verify each device to its reference + W / scale; returns the
@@ -238,7 +240,7 @@ class TileMapping:
         middle = float(self._conductance(torch.tensor(self.ref_level)))
         if self.config.reference == "calibrated":
             measured = torch.stack([averaged_read(tile.read_reference, reference_reads) for tile in self.tiles])
-            reference = self._from_tiles(measured)
+            reference = self.from_tiles(measured)
         else:
             reference = torch.full_like(weights, middle)
             if self.spec.supports(Capability.REFERENCE):

@@ -62,7 +62,7 @@ class FastArray:
     def read_references(self, reads: int) -> torch.Tensor:
         """A's reference devices (uS), (out, in), each the mean of ``reads`` reads."""
         stacked = torch.stack([averaged_read(tile.read_reference, reads) for tile in self.tiles])
-        return self.layer.mapping._from_tiles(stacked)
+        return self.layer.mapping.from_tiles(stacked)
 
     def settle(self, pairs: int) -> None:
         """Alternating up/down pulses on every device: each decays to its symmetry point, where

@@ -19,6 +19,11 @@ averages out. AGAD flips regularly, every round(1 / in_chop_prob) reads, and nee
 devices: p_k, A's column at the last flip, is the running mean of that column's reads at the
 end of the period before (weighted to the period's tail), so the reads count only what A moved
 since, whatever the devices' symmetry points.
+
+C integrates A, which integrates the gradient: what damps C is A's decay to its symmetry
+points, and A decays only as fast as it is pulsed. So A wants to be fast (its lr, the
+optimizer's, well above plain SGD's) and the buffer slow (a small ``transfer_lr``); with a slow
+A the family is a nearly undamped double integrator and overshoots SGD's path.
 """
 
 from __future__ import annotations
