@@ -9,7 +9,8 @@ Each model's drop is against its own accuracy where it was trained: on its train
 the host for float32, on the same test digits. ``columns`` is the column-range step alone,
 ``inputs`` the column ranges then fixed DAC input ranges, ``calibrated`` all three steps (the
 ADC ranges last); ``recovered`` is the fraction of the drop each wins back (null when there is
-no drop to recover).
+no drop to recover). ``accuracy_after_time`` is the calibrated chips' accuracy 1 s, 1 h and 1 day
+after programming, as the emulator's conductances relax (its relaxation model, defaults).
 """
 
 import argparse
@@ -20,6 +21,8 @@ import time
 from cim_hil.deploy import DeployConfig, deploy, load_trained
 from cim_hil.training import TrainConfig, Trainer
 from cim_hil.training.mnist import load_mnist
+
+RELAX = {"1s": 1.0, "1h": 3600.0, "1d": 86400.0}  # times after programming, in the order evaluated
 
 
 def _arm(report: dict) -> dict:
@@ -42,13 +45,16 @@ def _arm(report: dict) -> dict:
         "inputs_recovered": recovered(report["inputs_accuracy"]),
         "calibrated_recovered": recovered(report["calibrated_accuracy"]),
         "adc_step_points": 100 * (report["calibrated_accuracy"]["mean"] - report["inputs_accuracy"]["mean"]),
+        "accuracy_after_time": {name: {k: after[k] for k in keep}
+                                for name, after in zip(RELAX, report["relaxed_accuracy"])},
         "write_verify_failures_mean": report["write_verify_failures"]["mean"],
         "programming_chip_seconds_mean": report["programming_chip_seconds"]["mean"],
         "programming_energy_uj_mean": report["programming_energy_uj"]["mean"],
         "seconds_per_chip": report["host_seconds_per_chip"],
         "per_chip": [{"seed": row["seed"], "accuracy": row["accuracy"], "columns": row["columns_accuracy"],
                       "inputs": row["inputs_accuracy"], "calibrated": row["calibrated_accuracy"],
-                      "adc_ranges_ua": row["calibration"]["adc_ranges"]} for row in report["chips"]],
+                      "adc_ranges_ua": row["calibration"]["adc_ranges"],
+                      "after_time": [after["accuracy"] for after in row["relaxed"]]} for row in report["chips"]],
     }
 
 
@@ -60,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     data = load_mnist()
-    config = DeployConfig(chips=args.chips, test_limit=args.test_limit)
+    config = DeployConfig(chips=args.chips, test_limit=args.test_limit, relax_after_s=tuple(RELAX.values()))
     arms, training_seconds = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, float_baseline in (("float_trained", True), ("chip_trained", False)):

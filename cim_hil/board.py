@@ -9,12 +9,13 @@ only the one the URL asks for, so ``open_board("emulator:")`` loads neither pyse
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-from cim_hil.errors import BoardError
+from cim_hil.errors import BoardError, CapabilityError, UnsafeValueError
 from cim_hil.group import TileGroup
 from cim_hil.tile import Counters, Tile
 
@@ -66,6 +67,27 @@ class Board:
         ``link_bytes_out``, ``link_bytes_in``), without asking the board anything; empty for a
         board without a link."""
         return {}
+
+    @property
+    def can_let_time_pass(self) -> bool:
+        """Whether :meth:`let_time_pass` works on this board (ask before relying on it)."""
+        return False
+
+    def let_time_pass(self, seconds: float) -> None:
+        """Let ``seconds`` pass with the chip idle, as a deployed chip waits between being
+        programmed and being used: its conductances relax meanwhile. On a real board it means a
+        wait (the serial driver has none yet); the emulator advances its clock and moves its
+        devices by its relaxation model (:mod:`cim_hil.emulator.relaxation`). A board that
+        cannot is a ``CapabilityError``."""
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < math.inf:
+            raise UnsafeValueError(f"a time to let pass must be a finite number of seconds >= 0, got {seconds!r}; "
+                                   "nothing changed")
+        self._let_time_pass(float(seconds))
+
+    def _let_time_pass(self, seconds: float) -> None:
+        """A board's own wait; one whose driver has none refuses."""
+        raise CapabilityError(f"the board at {self.url} cannot let time pass: its driver has no wait (the "
+                              "emulator's models conductance relaxation)")
 
     def info(self) -> dict[str, Any]:
         spec = self.tiles[0].spec

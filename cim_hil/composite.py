@@ -105,6 +105,19 @@ class CompositeBoard(Board):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "members": [member.info() for member in self.members]}
 
+    # ---- time ---------------------------------------------------------------------------
+    @property
+    def can_let_time_pass(self) -> bool:
+        return all(member.can_let_time_pass for member in self.members)
+
+    def _let_time_pass(self, seconds: float) -> None:
+        """Every member waits, at the same time; when one cannot, none is asked to."""
+        for index, member in enumerate(self.members):
+            if not member.can_let_time_pass:
+                self._named(index, lambda member=member: member.let_time_pass(seconds))
+        self.each([(index, lambda member=member: member.let_time_pass(seconds))
+                   for index, member in enumerate(self.members)])
+
     # ---- emulated state, for checkpoints --------------------------------------------------
     def state_dict(self) -> dict[str, Any] | None:
         """The members' emulated states; None when any member is real hardware, whose devices

@@ -65,6 +65,21 @@ class DeviceConfig(ConductanceRange):
         0.5, ge=0.0, description="write-verify landing error std, in level spacings"
     )
     stuck_fraction: float = Field(0.0, ge=0.0, le=1.0, description="fraction of stuck devices")
+    relaxation_tau_s: float = Field(
+        1.0, gt=0.0, allow_inf_nan=False,
+        description="relaxation's time constant: a device t s after its last write is log10(1 + t/tau) decades on (s, ours)",
+    )
+    relaxation_drift: float = Field(
+        0.02, ge=0.0, allow_inf_nan=False,
+        description="relaxation drift: the distance to the relaxed conductance shrinks by exp(-drift) per decade (ours)",
+    )
+    relaxation_target: float = Field(
+        0.5, ge=0.0, le=1.0, description="the relaxed conductance, as a fraction of a device's range above g_min (ours)"
+    )
+    relaxation_spread_levels: float = Field(
+        0.3, ge=0.0, allow_inf_nan=False,
+        description="relaxation spread: std after one decade, in level spacings; it grows as sqrt(decades) (ours)",
+    )
 
     @property
     def range_us(self) -> float:

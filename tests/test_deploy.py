@@ -402,3 +402,61 @@ def test_cli_refuses_another_models_checkpoint_in_one_line(float_run, capsys):
     assert main(["deploy", str(float_run), "--no-progress"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "holds another model" in error[0]
+
+
+# ---- accuracy after relaxation ----------------------------------------------------------------
+def _relaxing_url(tmp_path, periphery=None, **device) -> str:
+    path = tmp_path / "relaxing.json"
+    path.write_text(make_config(soc=dict(tiles=4), device=device, periphery=periphery or {}).model_dump_json())
+    return f"emulator:{path}"
+
+
+def test_accuracy_after_each_time_is_reported_and_reproducible(float_run, data, tmp_path):
+    trained = load_trained(float_run, tiny())
+    config = DeployConfig(chips=2, calibrate_adc=False, calibration_images=16, test_limit=200,
+                          relax_after_s=(86400, 1, 3600))
+    strong = _relaxing_url(tmp_path, relaxation_spread_levels=3.0)  # a day spreads devices by 6.7 levels
+    report = deploy(trained, data, strong, config, progress=False)
+    assert [after["seconds"] for after in report["relaxed_accuracy"]] == [1, 3600, 86400]
+    assert all({"mean", "std", "min", "max"} <= set(after) for after in report["relaxed_accuracy"])
+    assert report["relaxed_accuracy"][-1]["mean"] < report["calibrated_accuracy"]["mean"] - 0.05
+    again = deploy(trained, data, strong, config, progress=False)
+    assert [row["relaxed"] for row in again["chips"]] == [row["relaxed"] for row in report["chips"]]
+    # Without read or ADC noise every evaluation of a chip gives the same answer, so the model off
+    # must give the calibrated accuracy after every wait.
+    quiet = _relaxing_url(tmp_path, dict(adc_noise_levels=0.0), read_noise_levels=0.0, relaxation_drift=0.0,
+                          relaxation_spread_levels=0.0)
+    off = deploy(trained, data, quiet, config, progress=False)
+    for row in off["chips"]:
+        assert [after["accuracy"] for after in row["relaxed"]] == [row["calibrated_accuracy"]] * 3
+
+
+def test_a_chip_that_cannot_wait_is_refused_before_programming(float_run, data):
+    served = VirtualBoard(make_config(soc=dict(tiles=4)))
+    url = served.open_tcp()
+    served.start()
+    try:
+        with pytest.raises(CimHilError, match="cannot let time pass.*without --relax"):
+            deploy(load_trained(float_run, tiny()), data, url, DeployConfig(relax_after_s=(1,)), progress=False)
+        with open_board(url) as board:
+            assert board.counters.pulses == 0 and board.counters.verify_trials == 0
+    finally:
+        served.stop()
+
+
+def test_the_cli_reports_accuracy_after_relaxation(lenet_run, offline_data, tmp_path, capsys):
+    out = tmp_path / "relaxed"
+    assert main(["deploy", str(lenet_run), "--chips", "1", "--out", str(out), "--no-progress", "--no-adc-calibration",
+                 "--calibration-images", "16", "--relax", "1s,1h,1d"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [after["seconds"] for after in summary["relaxed_accuracy"]] == [1, 3600, 86400]
+    saved = json.loads((out / "deployment.json").read_text())
+    assert saved["relaxed_accuracy"] == summary["relaxed_accuracy"]
+
+
+@pytest.mark.parametrize("times", ["1x", "-1s", "h", "1s,,1d", "nanh"])
+def test_a_bad_time_to_relax_is_one_line(lenet_run, offline_data, times, capsys):
+    assert main(["deploy", str(lenet_run), "--no-progress", f"--relax={times}"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("cim-hil: error:")]
+    assert len(errors) == 1 and "is not a time" in errors[0] and "Traceback" not in err

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+
+from cim_hil.errors import ConfigError
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -20,10 +23,32 @@ def register(commands: argparse._SubParsersAction) -> None:
     deploy.add_argument("--calibration-images", type=int, help="training digits the input and ADC calibration see "
                         "(default 128)")
     deploy.add_argument("--test-limit", type=int, help="evaluate on the first N test digits only")
+    deploy.add_argument("--relax", metavar="TIMES", help="evaluate each chip again this long after "
+                        "programming, while its conductances relax: comma-separated, each a number with s, m, h or "
+                        "d (e.g. 1s,1h,1d)")
     deploy.add_argument("--data-dir", help="directory with the MNIST IDX files (default: offline data)")
     deploy.add_argument("--out", help="directory for deployment.json and the histogram (default: CHECKPOINT/deploy)")
     deploy.add_argument("--no-progress", action="store_true", help="no progress bar")
     deploy.set_defaults(run=run_deploy)
+
+
+SECONDS_PER = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def durations(text: str) -> tuple[float, ...]:
+    """``1s,1h,1d`` as seconds: each a positive number and a unit (s, m, h or d)."""
+    times = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            seconds = float(part[:-1]) * SECONDS_PER[part[-1:]]
+        except (KeyError, ValueError):
+            seconds = math.nan
+        if not 0 < seconds < math.inf:
+            raise ConfigError(f"--relax: {part!r} is not a time; give positive numbers with a unit, s, m, h or d, "
+                              "joined by commas (e.g. 1s,1h,1d)")
+        times.append(seconds)
+    return tuple(times)
 
 
 def run_deploy(args: argparse.Namespace) -> None:
@@ -42,6 +67,7 @@ def run_deploy(args: argparse.Namespace) -> None:
         "calibrate_inputs": False if args.no_input_calibration else None,
         "calibrate_adc": False if args.no_adc_calibration else None,
         "calibration_images": args.calibration_images,
+        "relax_after_s": durations(args.relax) if args.relax is not None else None,
         "test_limit": args.test_limit if args.test_limit is not None else trained.config.get("test_limit"),
     }
     config = validate(DeployConfig, {k: v for k, v in flags.items() if v is not None})

@@ -5,7 +5,9 @@ Each chip is a new draw of device-to-device variation. On the emulator that is a
 per URL. Programming is write-verify of every weight (the chip-trained model to exactly the
 levels it was trained on); its time and energy are the board's timing model's. Test accuracy
 is measured before and after post-training calibration (:mod:`cim_hil.deploy.calibrate`), and
-the results, with each chip's calibrated constants, are saved as JSON beside a histogram PNG.
+optionally again after the chip has waited idle (``Board.let_time_pass``: its conductances
+relax, on the emulator by its relaxation model); the results, with each chip's calibrated
+constants, are saved as JSON beside a histogram PNG.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 from torch import nn
 from tqdm import tqdm
 
@@ -50,6 +52,9 @@ class DeployConfig(Strict):
     calibrate_adc: bool = Field(True, description="an ADC full scale per layer's tiles from a search on the chip")
     calibration_images: int = Field(128, ge=1, description="training-split digits the input and ADC calibration see")
     test_limit: int | None = Field(None, ge=1, description="evaluate on the first N test digits only")
+    relax_after_s: tuple[PositiveFloat, ...] = Field(
+        (), description="evaluate each chip again this many seconds after it was programmed and calibrated"
+    )
 
     @property
     def calibrates(self) -> bool:
@@ -137,6 +142,9 @@ class Deployment:
         if self.config.calibrate_adc and not spec.supports(Capability.ADC_RANGE):
             raise CimHilError(f"the chip at {url} cannot set its ADC range (no '{Capability.ADC_RANGE}' capability); "
                               "deploy with --no-adc-calibration")
+        if self.config.relax_after_s and not board.can_let_time_pass:
+            raise CimHilError(f"the chip at {url} cannot let time pass, so it cannot be evaluated after relaxation; "
+                              "deploy without --relax")
 
     def run_chip(self, url: str, seed: int | None) -> dict:
         """Program, evaluate, calibrate and evaluate one chip; returns its row of results."""
@@ -169,8 +177,20 @@ class Deployment:
             if self.config.calibrates:
                 row["calibrated_accuracy"] = accuracy(analog, self.test)
                 row["calibration"] = constants.as_dict()
+            if config.relax_after_s:
+                row["relaxed"] = self._relaxed(board, analog)
             row["host_seconds"] = time.perf_counter() - start
         return row
+
+    def _relaxed(self, board: Board, analog: nn.Module) -> list[dict]:
+        """The chip as deployed (calibrated, if it was), evaluated at each time after it was
+        programmed: one wait from each time to the next."""
+        rows, waited = [], 0.0
+        for seconds in sorted(set(self.config.relax_after_s)):
+            board.let_time_pass(seconds - waited)
+            waited = seconds
+            rows.append({"seconds": seconds, "accuracy": accuracy(analog, self.test)})
+        return rows
 
     def _failures(self, analog: nn.Module) -> int:
         """Weights whose level read back after write-verify is not the level asked for."""
@@ -215,6 +235,12 @@ class Deployment:
                 report["calibrated_drop_points"] = 100 * (reference - statistics.fmean(calibrated))
                 drop = reference - statistics.fmean(plain)
                 report["drop_recovered"] = (statistics.fmean(calibrated) - statistics.fmean(plain)) / drop if drop > 0 else None
+        if self.config.relax_after_s:
+            times = [after["seconds"] for after in rows[0]["relaxed"]]
+            report["relaxed_accuracy"] = [
+                {"seconds": seconds, **_summary([row["relaxed"][index]["accuracy"] for row in rows])}
+                for index, seconds in enumerate(times)
+            ]
         return report
 
 

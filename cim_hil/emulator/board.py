@@ -10,6 +10,7 @@ import torch
 from cim_hil.board import Board
 from cim_hil.config import EmulatorConfig, load_config, validate
 from cim_hil.emulator.group import EmulatedGroup
+from cim_hil.emulator.relaxation import relaxed
 from cim_hil.emulator.store import DeviceStore
 from cim_hil.emulator.tile import EmulatedTile
 from cim_hil.errors import ConfigError
@@ -57,6 +58,32 @@ def check_fits_memory(config: EmulatorConfig) -> None:
         )
 
 
+class EmulatedBoard(Board):
+    """The emulated SoC's tiles and their one device store, whose clock a wait advances."""
+
+    tiles: list[EmulatedTile]
+
+    def __init__(self, tiles: list[EmulatedTile], store: DeviceStore, url: str, info: dict) -> None:
+        super().__init__(tiles, url, info, group_type=EmulatedGroup)
+        self.store = store
+
+    @property
+    def can_let_time_pass(self) -> bool:
+        return True
+
+    def _let_time_pass(self, seconds: float) -> None:
+        """Every device relaxes by its age (:mod:`cim_hil.emulator.relaxation`), drawing its
+        noise from its tile's stream (weight devices, then references), so a seed gives the
+        same chip after any wait. The tiles' counters do not move: the chip is idle."""
+        config = self.tiles[0].config
+
+        def normal() -> torch.Tensor:
+            return torch.stack([torch.randn(self.store.g.shape[1:], generator=tile.generator,
+                                            device=self.store.g.device) for tile in self.tiles])
+
+        self.store.pass_time(seconds, lambda before, after: relaxed(self.store, config.device, before, after, normal))
+
+
 def build_emulator(config: EmulatorConfig, url: str = "emulator:") -> Board:
     check_fits_memory(config)
     torch_device = resolve_torch_device(config.torch_device)
@@ -68,7 +95,7 @@ def build_emulator(config: EmulatorConfig, url: str = "emulator:") -> Board:
         for index in range(config.soc.tiles)
     ]
     info = {"backend": "emulator", "seed": config.seed, "clock_hz": config.timing.clock_hz}
-    return Board(tiles, url, info, group_type=EmulatedGroup)
+    return EmulatedBoard(tiles, store, url, info)
 
 
 def config_from_url(url: str, base: EmulatorConfig | None = None) -> EmulatorConfig:
