@@ -155,16 +155,22 @@ class CompositeGroup(TileGroup):
             group = board.members[member].group([self.tiles[index] for index in entries])
             self.parts.append((member, torch.tensor(entries), group))
 
-    def _products(self, x: torch.Tensor, outputs: list[int], transpose: bool, in_range: bool) -> torch.Tensor:
-        def part(entries: torch.Tensor, group: TileGroup) -> Callable[[], torch.Tensor]:
-            widths = [outputs[index] for index in entries.tolist()]
-            return lambda: group._products(x[entries], widths, transpose, in_range)
-
+    def _gathered(self, part: Callable[[torch.Tensor, TileGroup], Callable[[], torch.Tensor]], x: torch.Tensor,
+                  outputs: list[int]) -> torch.Tensor:
+        """Every member's ``part`` (its entries, its group) at once, the results put back in the
+        group's entry order."""
         results = self.composite.each([(member, part(entries, group)) for member, entries, group in self.parts])
         out = torch.zeros(len(self), x.shape[1], max(outputs))
         for (_, entries, _), result in zip(self.parts, results):
             out[entries, :, : result.shape[2]] = result.cpu()
         return out
+
+    def _products(self, x: torch.Tensor, outputs: list[int], transpose: bool, in_range: bool) -> torch.Tensor:
+        def part(entries: torch.Tensor, group: TileGroup) -> Callable[[], torch.Tensor]:
+            widths = [outputs[index] for index in entries.tolist()]
+            return lambda: group._products(x[entries], widths, transpose, in_range)
+
+        return self._gathered(part, x, outputs)
 
     def _products_on(
         self, x: torch.Tensor, outputs: list[int], transpose: bool, in_range: bool, windows: list[Window] | None,
@@ -184,11 +190,7 @@ class CompositeGroup(TileGroup):
             return lambda: cut_to_windows(group._products(padded[entries], [wide[i] for i in chosen], transpose, in_range),
                                           widths, [firsts[i] for i in chosen])
 
-        results = self.composite.each([(member, part(entries, group)) for member, entries, group in self.parts])
-        out = torch.zeros(len(self), x.shape[1], max(outputs))
-        for (_, entries, _), result in zip(self.parts, results):
-            out[entries, :, : result.shape[2]] = result.cpu()
-        return out
+        return self._gathered(part, x, outputs)
 
     def _program_places(
         self, places: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor, tolerance_us: float,
