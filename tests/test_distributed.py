@@ -136,3 +136,18 @@ def test_a_two_rank_run_resumes_from_rank_0s_checkpoint(tmp_path):
     alone = subprocess.run([sys.executable, "-m", "cim_hil.cli", "train", "--epochs", "3", "--resume", "--out",
                             str(tmp_path), "--no-progress"], capture_output=True, text=True, timeout=600)
     assert alone.returncode == 2 and "written by 2 rank(s); resume it with as many, not 1" in alone.stderr
+
+
+def test_overwrite_reaches_the_spawned_rank_that_writes_the_run(tmp_path, capsys):
+    """`--nproc` with `--overwrite` into a directory holding another file starts the run: the
+    writing rank claims the directory with the user's --overwrite, not without it."""
+    from cim_hil.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("kept by the user")
+    tiny = ["--train-limit", "32", "--test-limit", "16", "--batch-size", "16", "--no-progress", "--epochs", "1"]
+    assert main(["train", "--nproc", "1", "--out", str(out), *tiny]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert main(["train", "--nproc", "1", "--out", str(out), "--overwrite", *tiny]) == 0, capsys.readouterr().err
+    assert (out / "checkpoint.pt").exists() and (out / "notes.txt").exists()

@@ -52,13 +52,13 @@ def _train_data_parallel(args: argparse.Namespace, config, data, progress: bool)
     if under_torchrun():
         world = join_group(0, 0, None, config.distributed_timeout_s)
         try:
-            summary = run_rank(world, config, data, args.out, progress, args.resume, args.epochs)
+            summary = run_rank(world, config, data, args.out, progress, args.resume, args.epochs, args.overwrite)
         finally:
             dist.destroy_process_group()
         if world.rank != 0:
             return
     else:
-        summary = spawn_ranks(config, data, args.out, args.nproc, progress, args.resume, args.epochs)
+        summary = spawn_ranks(config, data, args.out, args.nproc, progress, args.resume, args.epochs, args.overwrite)
     print(json.dumps(summary, indent=2))
 
 

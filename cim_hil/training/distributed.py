@@ -190,7 +190,7 @@ def under_torchrun() -> bool:
 
 
 def run_rank(world: ProcessGroupWorld, config: Any, data: Any, out_dir: str | Path, progress: bool,
-             resume: bool, epochs: int | None = None) -> dict:
+             resume: bool, epochs: int | None = None, overwrite: bool = False) -> dict:
     """Train as one rank; a failure here is reported to the others, one elsewhere is named."""
     from cim_hil.training.trainer import Trainer
 
@@ -198,7 +198,7 @@ def run_rank(world: ProcessGroupWorld, config: Any, data: Any, out_dir: str | Pa
         if resume:
             trainer = Trainer.resume(out_dir, data, progress and world.rank == 0, world)
         else:
-            trainer = Trainer(config, data, out_dir, progress and world.rank == 0, world)
+            trainer = Trainer(config, data, out_dir, progress and world.rank == 0, world, overwrite=overwrite)
         history = trainer.fit(epochs)
         summary = {"out": str(out_dir), "epochs": trainer.epoch, "ranks": world.size, **(history[-1] if history else {})}
         if trainer.board is not None:
@@ -212,13 +212,13 @@ def run_rank(world: ProcessGroupWorld, config: Any, data: Any, out_dir: str | Pa
 
 
 def _spawned(rank: int, size: int, port: int, config: Any, data: Any, out_dir: str, progress: bool, resume: bool,
-             epochs: int | None, answers: multiprocessing.Queue) -> None:
+             epochs: int | None, overwrite: bool, answers: multiprocessing.Queue) -> None:
     """One spawned rank: joins through the parent's store, answers (rank, summary or error)."""
     try:
         store = dist.TCPStore("127.0.0.1", port, size + 1, is_master=False,
                               timeout=timedelta(seconds=config.distributed_timeout_s))
         world = join_group(rank, size, dist.PrefixStore("group", store), config.distributed_timeout_s)
-        answers.put((rank, "done", run_rank(world, config, data, out_dir, progress, resume, epochs)))
+        answers.put((rank, "done", run_rank(world, config, data, out_dir, progress, resume, epochs, overwrite)))
     except CimHilError as error:
         answers.put((rank, "error", str(error)))
     except BaseException as error:  # anything else is a bug: its traceback, not a hang
@@ -229,7 +229,7 @@ def _spawned(rank: int, size: int, port: int, config: Any, data: Any, out_dir: s
 
 
 def spawn_ranks(config: Any, data: Any, out_dir: str | Path, nproc: int, progress: bool = True,
-                resume: bool = False, epochs: int | None = None) -> dict:
+                resume: bool = False, epochs: int | None = None, overwrite: bool = False) -> dict:
     """Run ``nproc`` ranks as child processes around a store this process holds; returns rank
     0's summary, or raises one ``BoardError`` with every rank's error, a line each."""
     if nproc < 1:
@@ -240,7 +240,7 @@ def spawn_ranks(config: Any, data: Any, out_dir: str | Path, nproc: int, progres
     context = multiprocessing.get_context("spawn")
     answers = context.Queue()
     ranks = [context.Process(target=_spawned, args=(rank, nproc, store.port, config, data, str(out_dir), progress,
-                                                    resume, epochs, answers), daemon=True) for rank in range(nproc)]
+                                                    resume, epochs, overwrite, answers), daemon=True) for rank in range(nproc)]
     for process in ranks:
         process.start()
     results: dict[int, tuple[str, Any]] = {}
