@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from cim_hil.codes import top_code
 from cim_hil.errors import ShapeError, UnsafeValueError
 from cim_hil.tile import Capability
 
@@ -179,8 +180,7 @@ def layer_products(
     """
     group._require(Capability.ANALOG_PRODUCTS)
     spec = group.spec
-    if len(group) != cut.tiles or cut.row_blocks != -(-cut.in_features // spec.rows) or (
-            cut.col_blocks != -(-cut.out_features // spec.cols)):
+    if len(group) != cut.tiles or cut != LayerCut.of(cut.in_features, cut.out_features, spec.rows, spec.cols):
         raise ShapeError(f"a {cut.out_features}x{cut.in_features} layer on {spec.rows}x{spec.cols} tiles is not cut "
                          f"into {cut.row_blocks}x{cut.col_blocks} blocks on {len(group)} tiles")
     codes = torch.as_tensor(codes)
@@ -196,7 +196,7 @@ def layer_products(
     if origins is not None:
         origins = [(int(row), int(col)) for row, col in origins]
         cut.windows(origins, spec.rows, spec.cols)
-    top = 2 ** (spec.input_bits - 1) - 1
+    top = top_code(spec.input_bits)
     if codes.numel():
         lowest, highest = torch.aminmax(codes)
         if not (bool(lowest >= -top) and bool(highest <= top)):  # false for NaN too
@@ -222,7 +222,7 @@ def products_of_blocks(
     currents summed on the host."""
     spec = group.spec
     inputs = unroll(codes, convolution, by_column=cut.row_blocks == 1) if convolution is not None else codes
-    fractions = block_inputs(inputs, cut, spec.rows) / (2 ** (spec.input_bits - 1) - 1)
+    fractions = block_inputs(inputs, cut, spec.rows) / top_code(spec.input_bits)
     outputs = cut.outputs(spec.cols)
     if origins is None:
         currents = group._products(fractions, outputs, False, in_range=True)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cim_hil.codes import top_code
+from cim_hil.codes import input_codes, top_code
 from cim_hil.errors import UnsafeValueError
 from cim_hil.nn import AnalogConv2d, AnalogLayer
 
@@ -108,8 +108,7 @@ def layer_inputs(layer: AnalogLayer, x: torch.Tensor) -> tuple[torch.Tensor, tor
 def dac_output_error(inputs: torch.Tensor, weights: torch.Tensor, input_range: float, bits: int) -> float:
     """Mean squared error of ``inputs @ weights.T`` caused by a DAC of ``bits`` (sign included)
     with full scale ``input_range``: clipping beyond it and rounding to its codes."""
-    top = 2 ** (bits - 1) - 1
-    converted = (inputs / input_range).clamp(-1.0, 1.0).mul(top).round().div(top).mul(input_range)
+    converted = input_codes(inputs / input_range, bits).div_(top_code(bits)).mul_(input_range)
     return float(((converted - inputs) @ weights.T).square().mean())
 
 

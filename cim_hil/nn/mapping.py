@@ -11,7 +11,6 @@ trainer can account for it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -90,9 +89,8 @@ class TileMapping:
         spec = group.spec
         self.spec, self.config = spec, config
         self.in_features, self.out_features = in_features, out_features
-        self.row_blocks = math.ceil(in_features / spec.rows)
-        self.col_blocks = math.ceil(out_features / spec.cols)
-        self.cut = LayerCut(in_features, out_features, self.row_blocks, self.col_blocks)
+        self.cut = LayerCut.of(in_features, out_features, spec.rows, spec.cols)
+        self.row_blocks, self.col_blocks = self.cut.row_blocks, self.cut.col_blocks
         self.spots = spots or [(index, 0, 0) for index in range(len(group))]
         if len(self.spots) != self.row_blocks * self.col_blocks:
             raise ConfigError(f"a {out_features}x{in_features} matrix takes {self.row_blocks * self.col_blocks} "
