@@ -56,11 +56,7 @@ class Board:
     @property
     def counters(self) -> Counters:
         # Read each tile's counters once: on a serial board every read is a round trip.
-        each = [tile.counters for tile in self.tiles]
-        total = Counters(clock_hz=each[0].clock_hz)
-        for counters in each:
-            total = total + counters
-        return total
+        return Counters.total([tile.counters for tile in self.tiles])
 
     def link_traffic(self) -> dict[str, float]:
         """What crossed the board's link so far (``link_seconds`` waiting on it,

@@ -87,11 +87,7 @@ class CompositeBoard(Board):
 
     @property
     def counters(self) -> Counters:
-        each = self.member_counters()
-        total = Counters(clock_hz=each[0].clock_hz)
-        for counters in each:
-            total = total + counters
-        return total
+        return Counters.total(self.member_counters())
 
     def link_traffic(self) -> dict[str, float]:
         """The members' links summed (members wait at the same time, so ``link_seconds`` can

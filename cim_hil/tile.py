@@ -99,6 +99,14 @@ class Counters:
         summed["clock_hz"] = self.clock_hz
         return Counters(**summed)
 
+    @classmethod
+    def total(cls, each: list["Counters"]) -> "Counters":
+        """The sum of several tiles' (or boards') counters, at the first one's clock."""
+        total = cls(clock_hz=each[0].clock_hz)
+        for counters in each:
+            total = total + counters
+        return total
+
 
 @dataclass
 class ProgramResult:
