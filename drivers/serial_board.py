@@ -36,7 +36,6 @@ from firmware_protocol.codes import CodeFormat
 from firmware_protocol.framing import MAX_PAYLOAD, VERSION
 
 MAX_BATCH = 0xFFFF  # FORWARD's and LAYER_FORWARD's batch field is u16; longer batches go as several requests
-MAX_REPORTED_TRIALS = 255  # DEVICES_REPORT's trials are a u8; larger budgets go as whole-tile PROGRAMs
 
 
 class SerialTile(Tile):
@@ -210,7 +209,8 @@ class SerialGroup(TileGroup):
         a level's conductance, a compact report back."""
         tiles = self.tiles
         first = tiles[0]
-        if max_trials > MAX_REPORTED_TRIALS or any(tile.link is not first.link for tile in tiles):
+        # A budget past what DEVICES_REPORT reports, or tiles on several links, go as whole-tile PROGRAMs.
+        if max_trials > m.MAX_REPORTED_TRIALS or any(tile.link is not first.link for tile in tiles):
             return super()._program_places(devices, targets, reference, tolerance_us, max_trials)
         spec = first.spec
         per_tile = spec.rows * spec.cols
@@ -266,7 +266,7 @@ class SerialBoard(Board):
         firmware = f"{info.firmware_major}.{info.firmware_minor}.{info.firmware_patch}"
         super().__init__(tiles, url, {"backend": "serial", "firmware": firmware, "protocol_version": info.protocol_version,
                                       "clock_hz": info.clock_hz, "baudrate": link.config.baudrate,
-                                      "windows": bool(info.capabilities & m.WINDOWS_BIT)},
+                                      "windows": tiles[0].windows},
                          group_type=SerialGroup)
         self.link = link
 

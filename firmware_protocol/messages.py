@@ -558,6 +558,7 @@ class ProgramDevices(Message):
 
 _REPORT_HEAD = struct.Struct("<I")
 _DEVICE_REPORT = np.dtype([("reached_code", "<u2"), ("trials", "u1")])
+MAX_REPORTED_TRIALS = 255  # DEVICES_REPORT carries each device's trials in a u8 (SPEC.md §8.2)
 
 
 @dataclass(frozen=True, eq=False)

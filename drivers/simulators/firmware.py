@@ -30,7 +30,6 @@ from firmware_protocol.errors import ProtocolError, UnknownMessageError
 from firmware_protocol.framing import FLAG_MORE, MAX_PAYLOAD, VERSION, Frame, FrameDecoder, encode_frame
 
 FIRMWARE_VERSION = (0, 3, 0)
-MAX_REPORTED_TRIALS = 255  # DEVICES_REPORT carries trials in a u8 (SPEC.md §8.2)
 WIDEST_CODE_BITS = 16  # the protocol carries codes in at most 16 bits (SPEC.md §4.2-4.3)
 
 
@@ -213,13 +212,13 @@ class BoardFirmware:
             )
         tile = self.board[0]
         major, minor, patch = FIRMWARE_VERSION
+        fields = info_fields(tile.spec)
         return m.Info(
             protocol_version=self.protocol_version, firmware_major=major, firmware_minor=minor,
             firmware_patch=patch, tiles=len(self.board), clock_hz=int(tile.counters.clock_hz),
             forward_lsb_ua=tile.power_on_adc(False).lsb, backward_lsb_ua=tile.power_on_adc(True).lsb,
             read_lsb_us=tile.read_lsb_us, max_payload=MAX_PAYLOAD,
-            **{**info_fields(tile.spec), "capabilities": info_fields(tile.spec)["capabilities"]
-               | (m.WINDOWS_BIT if self.windows else 0)},
+            **{**fields, "capabilities": fields["capabilities"] | (m.WINDOWS_BIT if self.windows else 0)},
         )
 
     def _on_forward(self, request: m.Forward) -> m.Products:
@@ -335,7 +334,7 @@ class BoardFirmware:
         if request.places.size and int(request.places.max()) >= per_tile:
             raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"a place is beyond the {spec.rows}x{spec.cols} tile")
         trials = request.max_trials or spec.default_max_trials
-        if trials > MAX_REPORTED_TRIALS:
+        if trials > m.MAX_REPORTED_TRIALS:
             raise Refusal(m.ErrorCode.OUT_OF_RANGE, f"max_trials {trials} does not fit the report's u8 trials")
         if request.targets.dtype.kind == "f":
             targets = torch.from_numpy(request.targets.astype(np.float32))
