@@ -151,3 +151,18 @@ def test_overwrite_reaches_the_spawned_rank_that_writes_the_run(tmp_path, capsys
     assert "is not empty" in capsys.readouterr().err
     assert main(["train", "--nproc", "1", "--out", str(out), "--overwrite", *tiny]) == 0, capsys.readouterr().err
     assert (out / "checkpoint.pt").exists() and (out / "notes.txt").exists()
+
+
+def test_each_rank_s_emulator_is_the_url_s_chip_seed_plus_its_rank(tmp_path):
+    """The seed a rank's emulator gets starts from the URL's, else its config file's."""
+    from cim_hil.emulator.board import config_from_url
+    from cim_hil.errors import ConfigError
+    from cim_hil.training.distributed import _emulator_seeded
+
+    chip = tmp_path / "chip.toml"
+    chip.write_text("seed = 7\n")
+    assert [config_from_url(_emulator_seeded(f"emulator:{chip}", rank)).seed for rank in range(2)] == [7, 8]
+    assert config_from_url(_emulator_seeded(f"emulator:{chip}?seed=3", 1)).seed == 4
+    assert config_from_url(_emulator_seeded("emulator:?tiles=4", 1)).seed == 1
+    with pytest.raises(ConfigError):
+        _emulator_seeded("emulator:?seed=x", 0)

@@ -31,6 +31,7 @@ from urllib.parse import parse_qsl, urlencode
 import torch
 import torch.distributed as dist
 
+from cim_hil.emulator.board import config_from_url
 from cim_hil.errors import BoardError, CimHilError, ConfigError
 
 FAILURE_KEY = "cim-hil/failure"
@@ -155,13 +156,10 @@ class ProcessGroupWorld(World):
 
 
 def _emulator_seeded(url: str, rank: int) -> str:
-    """``url`` with its seed (0 if none) plus ``rank``."""
+    """``url`` with its seed (the URL's, else its config file's, else the default) plus ``rank``."""
     head, _, query = url.partition("?")
     options = dict(parse_qsl(query, keep_blank_values=True))
-    try:
-        options["seed"] = str(int(options.get("seed", 0)) + rank)
-    except ValueError:
-        raise ConfigError(f"emulator URL {url!r}: seed must be an integer") from None
+    options["seed"] = str(config_from_url(url).seed + rank)
     return f"{head}?{urlencode(options)}"
 
 
