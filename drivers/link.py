@@ -200,12 +200,16 @@ class Link:
     def _send(self, entry: list) -> None:
         """Write an in-flight NEXT ([piece, wire, deadline, tries]) and start its timeout."""
         wire = entry[1]
+        self._write(wire, NEXT_PAYLOAD)
+        entry[2] = time.monotonic() + self._timeout(len(wire), self.window)
+        entry[3] += 1
+
+    def _write(self, wire: bytes, payload_bytes: int) -> None:
+        """Put one encoded frame on the line, and count it."""
         self._io(lambda: self.port.write(wire))
         self.stats.frames_out += 1
         self.stats.bytes_out += len(wire)
-        self.stats.payload_bytes_out += NEXT_PAYLOAD
-        entry[2] = time.monotonic() + self._timeout(len(wire), self.window)
-        entry[3] += 1
+        self.stats.payload_bytes_out += payload_bytes
 
     def _resend(self, entry: list) -> None:
         if entry[3] > self.config.retries:
@@ -230,10 +234,7 @@ class Link:
         for attempt in range(self.config.retries + 1):
             if attempt:
                 self.stats.retries += 1
-            self._io(lambda: self.port.write(wire))
-            self.stats.frames_out += 1
-            self.stats.bytes_out += len(wire)
-            self.stats.payload_bytes_out += len(frame.payload)
+            self._write(wire, len(frame.payload))
             answer = self._await({frame.seq}, frame.type, time.monotonic() + timeout)
             if answer is not None:
                 return answer
