@@ -101,20 +101,25 @@ class EmulatedTile(Tile):
     def _set_adc_range(self, full_scale_ua: float | None, transpose: bool) -> float:
         """A new ADC of that full scale, anywhere from ``SMALLEST_ADC_FRACTION`` to all of the
         largest current; the groups' product plans see it and are made again."""
-        if full_scale_ua is None:
-            adc = self.power_on_adc(transpose)
-        else:
+        if full_scale_ua is not None:
             largest = self.largest_current * (self.spec.cols if transpose else self.spec.rows)
             if not SMALLEST_ADC_FRACTION * largest <= full_scale_ua <= largest:
                 raise UnsafeValueError(
                     f"ADC full scale {full_scale_ua:.6g} uA is outside what this tile can set: "
                     f"{SMALLEST_ADC_FRACTION * largest:.6g} to {largest:.6g} uA; nothing was set")
+        return as_float32(self._use_adc(full_scale_ua, transpose).lsb)  # as a board reports it (SPEC.md §8.6)
+
+    def _use_adc(self, full_scale_ua: float | None, transpose: bool) -> ADC:
+        """Convert with an ADC of that full scale from now on (None: the power-on one)."""
+        if full_scale_ua is None:
+            adc = self.power_on_adc(transpose)
+        else:
             adc = ADC(self.config.periphery.output_bits, full_scale_ua, self.adc_noise)
         if transpose:
             self.backward_adc = adc
         else:
             self.forward_adc = adc
-        return as_float32(adc.lsb)  # as a board reports it (SPEC.md §8.6)
+        return adc
 
     # ---- emulator state (checkpoints) -----------------------------------------------------
     def state_dict(self) -> dict:
@@ -136,13 +141,7 @@ class EmulatedTile(Tile):
         self.counters = Counters(**state["counters"])
         # A state saved before ADC ranges could be set had the power-on ones.
         for transpose, full_scale in enumerate(state.get("adc_full_scales_ua", [None, None])):
-            adc = self.power_on_adc(bool(transpose))
-            if full_scale is not None and full_scale != adc.full_scale:
-                adc = ADC(self.config.periphery.output_bits, full_scale, self.adc_noise)
-            if transpose:
-                self.backward_adc = adc
-            else:
-                self.forward_adc = adc
+            self._use_adc(full_scale, bool(transpose))
 
     # ---- products -------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, outputs: int) -> torch.Tensor:
