@@ -118,7 +118,7 @@ class TileMapping:
         else:
             self.granularity = (config.pulse_step_us or self.spacing) * self.scale
         self.device_index = self._device_index()
-        self._directions = (self._direction(transpose=False), self._direction(transpose=True))
+        self._transposed = self._transposed_cut()
         # Post-training calibration (cim_hil.deploy) may set these; None keeps the defaults.
         self.input_range: float | None = None  # a fixed DAC full scale instead of each sample's peak
         self.output_scale: torch.Tensor | None = None  # (out_features,) digital gain per column
@@ -180,14 +180,11 @@ class TileMapping:
     def _block_widths(self, size: int, block: int, count: int) -> list[int]:
         return [min(block, size - index * block) for index in range(count)]
 
-    def _direction(self, transpose: bool) -> _Direction:
-        if transpose:  # inputs split by column block, outputs by row block; sum over columns
-            kept = self.row_blocks
-            outputs = [w for w in self._block_widths(self.in_features, self.spec.rows, kept) for _ in range(self.col_blocks)]
-            return _Direction(self.col_blocks, self.spec.cols, 1, kept, outputs, self.in_features)
-        kept = self.col_blocks
-        outputs = self._block_widths(self.out_features, self.spec.cols, kept) * self.row_blocks
-        return _Direction(self.row_blocks, self.spec.rows, 0, kept, outputs, self.out_features)
+    def _transposed_cut(self) -> _TransposedCut:
+        """Inputs split by column block, outputs by row block; the partial products summed over columns."""
+        kept = self.row_blocks
+        outputs = [w for w in self._block_widths(self.in_features, self.spec.rows, kept) for _ in range(self.col_blocks)]
+        return _TransposedCut(self.col_blocks, self.spec.cols, 1, kept, outputs, self.in_features)
 
     # ---- weights <-> levels ---------------------------------------------------------------
     def levels_for(self, weights: torch.Tensor) -> torch.Tensor:
@@ -292,49 +289,33 @@ class TileMapping:
         return torch.addcmul(bias.to(currents.device), currents, peak, value=back)
 
     def backward(self, d: torch.Tensor) -> torch.Tensor:
-        """d (N, out_features) -> d @ W (N, in_features) with transpose products on the tiles."""
-        return self._products(d, True, None, None)
-
-    def _products(
-        self, x: torch.Tensor, transpose: bool, peak: torch.Tensor | None, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """All tiles at once: each gets its block of the inputs, and the partial products of the
-        blocks along the summed dimension are added on the host."""
-        # Scale each sample to the DAC's full range, as the host driver of the chip does, or to
-        # a calibrated fixed range (``input_range``), beyond which the DAC saturates.
-        x = x.detach()
-        if transpose and self.output_scale is not None:  # d @ W = (d * scale) @ (W / scale)
-            x = x * self.output_scale.to(x.device)
-        peak = (x.abs().amax(dim=1, keepdim=True) if peak is None else peak).clamp_min(1e-12)
+        """d (N, out_features) -> d @ W (N, in_features) with transpose products on the tiles,
+        all at once: each gets its block of d, and the partial products of the column blocks
+        are added on the host."""
+        d = d.detach()
+        if self.output_scale is not None:  # d @ W = (d * scale) @ (W / scale)
+            d = d * self.output_scale.to(d.device)
+        # Scale each sample to the DAC's full range, as the host driver of the chip does.
+        peak = d.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
         # A NaN or infinity anywhere in a sample shows in its peak (amax propagates NaN).
         require_finite(peak, "the layer's inputs contain")
-        fixed = self.input_range is not None and not transpose
-        if fixed:
-            peak = torch.full_like(peak, self.input_range)
-        n, width = x.shape
-        way = self._directions[transpose]
+        n, width = d.shape
+        way = self._transposed
         driven = min(way.block, width)  # the widest input block
         if way.blocks * driven > width:  # the last block is driven in part: its other inputs get zeros
-            normalised = x.new_zeros(n, way.blocks * driven)
-            torch.div(x, peak, out=normalised[:, :width])
+            normalised = d.new_zeros(n, way.blocks * driven)
+            torch.div(d, peak, out=normalised[:, :width])
         else:
-            normalised = x / peak
-        if fixed:
-            normalised.clamp_(-1.0, 1.0)
+            normalised = d / peak
         inputs = normalised.cpu().view(n, way.blocks, driven).transpose(0, 1)  # (blocks, n, driven)
-        if way.kept > 1:  # tile (r, c) takes block c (transposed) or r
-            grid = inputs.unsqueeze(0) if transpose else inputs.unsqueeze(1)
-            inputs = grid.expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
-        currents = self._products_in_range(inputs, way.outputs, transpose)
+        if way.kept > 1:  # tile (r, c) takes block c
+            inputs = inputs.unsqueeze(0).expand(self.row_blocks, self.col_blocks, n, driven).reshape(-1, n, driven)
+        currents = self._products_in_range(inputs, way.outputs, True)
         # (n, kept, summed, width): summing the blocks writes the kept ones side by side, no copy.
         grid = currents.view(self.row_blocks, self.col_blocks, n, -1).permute(2, 1 - way.summed, way.summed, 3)
         out = (grid.sum(2) if way.blocks > 1 else grid[:, :, 0]).reshape(n, -1)[:, : way.features]
         back = self.scale / self.spec.v_read  # uA per unit of normalised input -> weight units
-        peak = peak.to(out.device)
-        if not transpose and self.output_scale is not None:
-            peak = peak * self.output_scale.to(out.device)  # (n, out_features)
-        out = out * (peak * back) if bias is None else torch.addcmul(bias.to(out.device), out, peak, value=back)
-        return out.to(x.device, x.dtype)
+        return (out * (peak.to(out.device) * back)).to(d.device, d.dtype)
 
     def _products_in_range(self, inputs: torch.Tensor, outputs: list[int], transpose: bool) -> torch.Tensor:
         """The group's products of ``inputs`` this mapping has built itself: (tiles, n, k) by
@@ -344,11 +325,10 @@ class TileMapping:
 
 
 @dataclass(frozen=True)
-class _Direction:
-    """How a product in one direction (forward, or transposed) is cut over the grid of tiles:
-    the inputs into ``blocks`` of ``block`` values, the partial products summed over grid axis
-    ``summed``, ``kept`` blocks of outputs side by side; each tile's output count, and the
-    product's width."""
+class _TransposedCut:
+    """How a transposed product is cut over the grid of tiles: the inputs into ``blocks`` of
+    ``block`` values, the partial products summed over grid axis ``summed``, ``kept`` blocks of
+    outputs side by side; each tile's output count, and the product's width."""
 
     blocks: int
     block: int
