@@ -57,6 +57,7 @@ def run_deploy(args: argparse.Namespace) -> None:
 
     from cim_hil.config import validate
     from cim_hil.deploy import DeployConfig, deploy, load_trained
+    from cim_hil.deploy.deploy import HISTOGRAM, RESULTS
     from cim_hil.training.mnist import load_mnist
 
     trained = load_trained(args.checkpoint)
@@ -78,5 +79,5 @@ def run_deploy(args: argparse.Namespace) -> None:
     report = deploy(trained, data, args.board or ["emulator:"], config, out, progress=not args.no_progress)
     summary = {key: value for key, value in report.items() if key not in ("chips", "config")}
     summary["seeds"] = [row["seed"] for row in report["chips"]]
-    summary["files"] = [str(out / name) for name in ("deployment.json", "accuracy_histogram.png")]
+    summary["files"] = [str(out / name) for name in (RESULTS, HISTOGRAM)]
     print(json.dumps(summary, indent=2))
