@@ -51,6 +51,7 @@ from calibration import calibrate_references
 from cim_hil.config import EmulatorConfig, validate
 from cim_hil.emulator import build_emulator
 from cim_hil.nn import MappingConfig, convert_to_analog
+from cim_hil.tile import averaged_read
 from cim_hil.training.algorithms import AlgorithmConfig
 from cim_hil.training.algorithms.build import build_optimizer
 from cim_hil.training.mnist import load_mnist
@@ -147,7 +148,7 @@ def with_offsets(condition: str, state: dict, seed: int = 2) -> dict:
     generator = torch.Generator().manual_seed(seed)
     for tile in board:
         error = torch.randn(spec.rows, spec.cols, generator=generator) * OFFSETS[condition] * (spec.g_max_us - spec.g_min_us)
-        reference = torch.stack([tile.read_reference().float().cpu() for _ in range(8)]).mean(0)
+        reference = averaged_read(tile.read_reference, 8)
         tile.program_reference((reference + error).clamp(spec.g_min_us, spec.g_max_us))
     return board.state_dict()
 
