@@ -57,9 +57,12 @@ def bound_per_sample(trainer: Trainer, image_bytes: int) -> int:
     return image_bytes + sum(sizes)
 
 
-def run(board_url: str, data, steps: int, test_digits: int, out: str) -> tuple[Trainer, dict, float]:
+def run(board_url: str, data, steps: int, test_digits: int, out: str, pack: bool | None = None,
+        ) -> tuple[Trainer, dict, float]:
+    """``steps`` training steps and a test pass on ``board_url`` (LeNet packed if ``pack``): the
+    trainer, its metrics row with the link traffic of the set-up, and the seconds it took."""
     config = TrainConfig(board=board_url, train_limit=steps * BATCH, test_limit=test_digits, epochs=1,
-                         batch_size=BATCH, seed=0)
+                         batch_size=BATCH, seed=0, pack=pack)
     start = time.perf_counter()
     trainer = Trainer(config, data, out, progress=False)
     setup = trainer.board.link_traffic()

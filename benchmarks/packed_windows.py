@@ -26,23 +26,13 @@ import tempfile
 import time
 
 import torch
-from board_training import BATCH, BAUD, bound_per_sample, conductances
+from board_training import BATCH, BAUD, bound_per_sample, conductances, run
 
 from cim_hil.config import EmulatorConfig, SoCConfig
-from cim_hil.training import TrainConfig, Trainer
 from cim_hil.training.mnist import load_mnist
 from drivers.simulators.virtual_board import VirtualBoard
 
 TILES = 12  # LeNet-5 packed on 64x64 tiles
-
-
-def run(board_url: str, data, steps: int, test_digits: int, out: str) -> tuple[Trainer, dict]:
-    config = TrainConfig(board=board_url, train_limit=steps * BATCH, test_limit=test_digits, epochs=1,
-                         batch_size=BATCH, seed=0, pack=True)
-    trainer = Trainer(config, data, out, progress=False)
-    setup = trainer.board.link_traffic()
-    row = trainer.fit(1)[-1]
-    return trainer, {**row, "setup": setup}
 
 
 def on_board(windows: bool, data, steps: int, test_digits: int, out: str) -> tuple[dict, torch.Tensor]:
@@ -50,7 +40,7 @@ def on_board(windows: bool, data, steps: int, test_digits: int, out: str) -> tup
     url = virtual.open_pty()
     virtual.start()
     try:
-        trainer, row = run(url, data, steps, test_digits, out)
+        trainer, row, _ = run(url, data, steps, test_digits, out, pack=True)
         trainer.board.close()
     finally:
         virtual.stop()
@@ -61,7 +51,7 @@ def main(steps: int = 2, test_digits: int = 32) -> dict:
     data = load_mnist()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        emulated, emulated_row = run("emulator:", data, steps, test_digits, f"{scratch}/emulator")
+        emulated, emulated_row, _ = run("emulator:", data, steps, test_digits, f"{scratch}/emulator", pack=True)
         windowed, windowed_g = on_board(True, data, steps, test_digits, f"{scratch}/windows")
         padded, padded_g = on_board(False, data, steps, test_digits, f"{scratch}/padded")
         emulated_g = conductances(emulated.board)
