@@ -56,12 +56,19 @@ def run(ranks: int, samples_per_rank: int, baud: int, tiles: int, data) -> dict:
                              test_limit=TEST_PER_RANK * ranks, rank_boards=urls, pack=False,
                              distributed_timeout_s=600, link=LinkConfig(baudrate=baud, response_timeout_s=LINK_PATIENCE_S))
         summary = spawn_ranks(config, data, out, ranks, progress=False)
+    samples = summary["train_samples"] if ranks > 1 else samples_per_rank
     return {
-        "samples": summary["train_samples"] if ranks > 1 else samples_per_rank,
+        "samples": samples,
         "train_seconds": summary["train_seconds"],
-        "samples_per_second": (summary["train_samples"] if ranks > 1 else samples_per_rank) / summary["train_seconds"],
+        "samples_per_second": samples / summary["train_seconds"],
         "test_acc": summary["test_acc"],
         "test_samples": TEST_PER_RANK * ranks,
+        "host_threads_per_rank": summary["host_threads"],
+        # The epoch's wire traffic per digit, every rank's summed: the write-verify traffic
+        # depends on the gradients, so an averaged gradient over more digits can move more
+        # devices per step (each rank programs the same ones).
+        "link_bytes_per_sample": (summary["link_bytes_out"] + summary["link_bytes_in"]) / samples,
+        "devices_programmed_per_rank": summary["devices_programmed"],
         "link_bytes_rank0": summary["board"]["link"],
     }
 

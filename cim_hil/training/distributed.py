@@ -209,10 +209,23 @@ def run_rank(world: ProcessGroupWorld, config: Any, data: Any, out_dir: str | Pa
         raise world.failure_elsewhere(error, config.distributed_timeout_s) from None
 
 
+def share_cores(ranks: int) -> int:
+    """Give this rank's host compute its share of the machine's cores; returns its threads.
+
+    Every spawned rank runs on this one host, and torch's thread pool would take every core in
+    each: ranks step in lockstep, so their parallel regions run at once and spin at barriers for
+    threads the other rank holds, turning a millisecond backward into a tenth of a second. A
+    user's ``OMP_NUM_THREADS`` is kept (torchrun sets it to 1 itself)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks))
+    return torch.get_num_threads()
+
+
 def _spawned(rank: int, size: int, port: int, config: Any, data: Any, out_dir: str, progress: bool, resume: bool,
              epochs: int | None, overwrite: bool, answers: multiprocessing.Queue) -> None:
     """One spawned rank: joins through the parent's store, answers (rank, summary or error)."""
     try:
+        share_cores(size)
         store = dist.TCPStore("127.0.0.1", port, size + 1, is_master=False,
                               timeout=timedelta(seconds=config.distributed_timeout_s))
         world = join_group(rank, size, dist.PrefixStore("group", store), config.distributed_timeout_s)

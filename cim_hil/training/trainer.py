@@ -227,6 +227,7 @@ class Trainer:
             "train_loss": loss_sum / seen,
             "train_acc": correct / seen,
             "train_seconds": seconds,
+            "host_threads": torch.get_num_threads(),  # the host compute's share of the CPU in that time
         }
         if self.world.size > 1:
             row.update(ranks=self.world.size, train_samples=int(seen))
