@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing
+import os
 import re
 import subprocess
 import sys
@@ -83,7 +84,6 @@ def _serve(tiles=4):
     return process, url.group(0)
 
 
-@pytest.mark.slow  # about 90 s on two busy cores, most of it programming two boards over their links
 def test_two_ranks_stop_with_an_error_naming_the_board_that_was_killed(tmp_path):
     (board0, url0), (board1, url1) = _serve(), _serve()
     timeout_s = 20
@@ -117,7 +117,6 @@ def test_two_ranks_stop_with_an_error_naming_the_board_that_was_killed(tmp_path)
     assert "Traceback" not in stderr
 
 
-@pytest.mark.slow  # two 2-rank runs of the command, about a minute on two busy cores
 def test_a_two_rank_run_resumes_from_rank_0s_checkpoint(tmp_path):
     common = ["--nproc", "2", "--train-limit", "64", "--test-limit", "20", "--batch-size", "16", "--lr", "0.05",
               "--host-layers", "7", "--pack", "--no-progress", "--out", str(tmp_path)]
@@ -133,6 +132,9 @@ def test_a_two_rank_run_resumes_from_rank_0s_checkpoint(tmp_path):
     assert second.returncode == 0, second.stderr
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2] and all(row["ranks"] == 2 for row in rows)
+    # Both ranks on this host: each takes half its cores for host compute, not all of them.
+    cores = int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, len(os.sched_getaffinity(0)) // 2)
+    assert all(row["host_threads"] == cores for row in rows)
     alone = subprocess.run([sys.executable, "-m", "cim_hil.cli", "train", "--epochs", "3", "--resume", "--out",
                             str(tmp_path), "--no-progress"], capture_output=True, text=True, timeout=600)
     assert alone.returncode == 2 and "written by 2 rank(s); resume it with as many, not 1" in alone.stderr
