@@ -4,14 +4,12 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from cim_hil.training import TrainConfig, Trainer
 from cim_hil.training.mnist import load_mnist
 
 
-@pytest.mark.slow
 def test_trainer_resumes_agad_bit_for_bit(tmp_path):
     data = load_mnist()
     config = TrainConfig(train_limit=64, test_limit=50, epochs=2, lr=0.05, algorithm="agad",
@@ -29,7 +27,6 @@ def test_trainer_resumes_agad_bit_for_bit(tmp_path):
     assert straight.history[-1]["pulses_a"] > 0 and "transfer_reads" in straight.history[-1]
 
 
-@pytest.mark.slow
 def test_cli_trains_with_an_algorithm_and_refuses_a_bad_one(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "cim_hil.cli", "train", "--algorithm", "sgd", "--lr", "0.05", "--train-limit", "64",

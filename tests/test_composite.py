@@ -137,7 +137,6 @@ def test_composite_urls_are_checked(served):
         open_board(f"composite:{url}|nowhere:")
 
 
-@pytest.mark.slow  # three boards programmed over their links: about 20 s on two busy cores
 def test_lenet_trains_packed_on_three_reference_socs(tmp_path):
     from cim_hil.training import TrainConfig, Trainer
     from cim_hil.training.mnist import load_mnist

@@ -149,7 +149,6 @@ def test_training_steps_on_layers_packed_on_one_tile_keep_host_and_devices_in_st
         assert torch.allclose(layer.weight, on_devices, atol=1e-5)
 
 
-@pytest.mark.slow  # about 40 s on two busy cores: programming the board over its link, and a plot
 def test_lenet_trains_on_one_reference_soc_over_its_link_with_the_rest_on_the_host(tmp_path, capsys):
     from drivers.simulators.virtual_board import VirtualBoard
 
