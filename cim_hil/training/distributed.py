@@ -209,8 +209,8 @@ def run_rank(world: ProcessGroupWorld, config: Any, data: Any, out_dir: str | Pa
         raise world.failure_elsewhere(error, config.distributed_timeout_s) from None
 
 
-def share_cores(ranks: int) -> int:
-    """Give this rank's host compute its share of the machine's cores; returns its threads.
+def share_cores(ranks: int) -> None:
+    """Give this rank's host compute its share of the machine's cores.
 
     Every spawned rank runs on this one host, and torch's thread pool would take every core in
     each: ranks step in lockstep, so their parallel regions run at once and spin at barriers for
@@ -218,7 +218,6 @@ def share_cores(ranks: int) -> int:
     user's ``OMP_NUM_THREADS`` is kept (torchrun sets it to 1 itself)."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks))
-    return torch.get_num_threads()
 
 
 def _spawned(rank: int, size: int, port: int, config: Any, data: Any, out_dir: str, progress: bool, resume: bool,
