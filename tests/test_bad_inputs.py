@@ -161,10 +161,21 @@ def test_cli_refuses_bad_numbers_in_one_line(tmp_path, capsys):
         (["train", "--lr", "inf", "--out", str(tmp_path / "a")], "lr: Input should be a finite number"),
         (["train", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "b")], "does not exist"),
         (["train", "--out", str(tmp_path / "c"), "--resume"], "no checkpoint to resume from"),
+        (["train", "--nproc", "0", "--out", str(tmp_path / "e")], "--nproc must be at least 1, got 0"),
+        (["train", "--rank-boards", "emulator:", "emulator:", "--out", str(tmp_path / "f")],
+         "give --nproc N as well, or run under torchrun"),
+        (["train", "--nproc", "3", "--rank-boards", "emulator:", "emulator:", "--out", str(tmp_path / "g")],
+         "names 2 board(s) for 3 ranks"),
+        (["train", "--nproc", "2", "--algorithm", "ttv2", "--out", str(tmp_path / "h")],
+         "data-parallel ranks train with mixed precision only"),
+        (["train", "--nproc", "2", "--distributed-timeout", "inf", "--out", str(tmp_path / "i")],
+         "distributed_timeout_s: Input should be a finite number"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (argv, err)
+        if "--nproc" in argv or "--rank-boards" in argv:  # refused before the run directory is claimed
+            assert not (tmp_path / argv[-1]).exists(), argv
     (tmp_path / "d").mkdir()
     torch.save({"not": "a checkpoint"}, tmp_path / "d" / "checkpoint.pt")
     assert main(["train", "--out", str(tmp_path / "d"), "--resume"]) == 2

@@ -140,9 +140,10 @@ def test_a_two_rank_run_resumes_from_rank_0s_checkpoint(tmp_path):
     assert alone.returncode == 2 and "written by 2 rank(s); resume it with as many, not 1" in alone.stderr
 
 
-def test_overwrite_reaches_the_spawned_rank_that_writes_the_run(tmp_path, capsys):
+def test_overwrite_reaches_the_spawned_rank_that_writes_the_run(tmp_path, capfd):
     """`--nproc` with `--overwrite` into a directory holding another file starts the run: the
-    writing rank claims the directory with the user's --overwrite, not without it."""
+    writing rank claims the directory with the user's --overwrite, not without it, and prints
+    the placement as a single process does."""
     from cim_hil.cli import main
 
     out = tmp_path / "run"
@@ -150,9 +151,12 @@ def test_overwrite_reaches_the_spawned_rank_that_writes_the_run(tmp_path, capsys
     (out / "notes.txt").write_text("kept by the user")
     tiny = ["--train-limit", "32", "--test-limit", "16", "--batch-size", "16", "--no-progress", "--epochs", "1"]
     assert main(["train", "--nproc", "1", "--out", str(out), *tiny]) == 2
-    assert "is not empty" in capsys.readouterr().err
-    assert main(["train", "--nproc", "1", "--out", str(out), "--overwrite", *tiny]) == 0, capsys.readouterr().err
+    assert "is not empty" in capfd.readouterr().err
+    code = main(["train", "--nproc", "1", "--out", str(out), "--overwrite", *tiny])
+    err = capfd.readouterr().err
+    assert code == 0, err
     assert (out / "checkpoint.pt").exists() and (out / "notes.txt").exists()
+    assert f"placement: 18 tiles of 64x64, one block per tile; on the host: nothing (in {out}/placement.json)" in err
 
 
 def test_each_rank_s_emulator_is_the_url_s_chip_seed_plus_its_rank(tmp_path):

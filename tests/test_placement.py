@@ -130,6 +130,19 @@ def test_cim_hil_plan_prints_the_placement_and_saves_its_picture(tmp_path, capsy
     assert "4 tiles; 4 packed, 10 unpacked" in fits and "7 (Linear 256x120)" in fits and "on the host" in fits
 
 
+@pytest.mark.parametrize("out, says", [
+    ("plan", "--out {out}: name the picture with one of the suffixes"),
+    ("no-such-dir/plan.png", "--out {out}: cannot save the picture there (File exists: {out.parent})"),
+])
+def test_cim_hil_plan_names_a_picture_path_it_cannot_write(tmp_path, capsys, out, says):
+    (tmp_path / "no-such-dir").write_text("a file, not a directory")
+    path = tmp_path / out
+    assert main(["plan", "--out", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cim-hil: error: ") and says.format(out=path) in err and "Traceback" not in err
+    assert not path.exists() and not path.with_suffix(".png").exists()
+
+
 def test_training_steps_on_layers_packed_on_one_tile_keep_host_and_devices_in_step():
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(20, 10), torch.nn.ReLU(), torch.nn.Linear(10, 5))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from cim_hil.board import open_board
 from cim_hil.errors import ConfigError
@@ -36,7 +37,20 @@ def host_layers_from(text: str, model, rows: int, cols: int, tiles: int | None) 
     return fitting_host_layers(model, rows, cols, tiles)
 
 
+def picture_path(out: str) -> Path:
+    """``--out`` checked before any planning: a file type matplotlib writes, named by its suffix."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(out)
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in kinds:
+        raise ConfigError(f"--out {out}: name the picture with one of the suffixes "
+                          f"{', '.join('.' + kind for kind in sorted(kinds))} (say {path.with_suffix('.png')})")
+    return path
+
+
 def run(args: argparse.Namespace) -> None:
+    out = picture_path(args.out)
     model = build_model(args.model)
     rows, cols, tiles, where = 64, 64, None, "the board"
     if args.board:
@@ -46,4 +60,9 @@ def run(args: argparse.Namespace) -> None:
     host = host_layers_from(args.host_layers, model, rows, cols, tiles)
     placement = plan_placement(model, rows, cols, pack=not args.no_pack, host_layers=host, tiles=tiles, where=where)
     print(placement.describe())
-    print(f"\npicture: {plot_placement(placement, args.out)}")
+    try:
+        saved = plot_placement(placement, out)
+    except OSError as error:
+        raise ConfigError(f"--out {out}: cannot save the picture there ({error.strerror or error}: "
+                          f"{error.filename or out})") from None
+    print(f"\npicture: {saved}")

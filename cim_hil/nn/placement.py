@@ -315,7 +315,9 @@ def plot_placement(placement: Placement, path: str | Path) -> Path:
                     fontsize=9)
     figure.tight_layout(rect=(0, 0.08, 1, 0.95))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=120)
+    finally:
+        plt.close(figure)
     return path

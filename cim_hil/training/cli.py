@@ -99,6 +99,8 @@ def run_train(args: argparse.Namespace) -> None:
         config = validate(TrainConfig, state["config"])
     else:
         state, config = None, validate(TrainConfig, {**base, **given})
+    _check_data_parallel(args.nproc, config)
+    if state is None:
         if not under_torchrun() or os.environ.get("RANK", "0") == "0":  # the writing rank claims the directory
             RunDirectory(args.out).claim(args.overwrite)  # before the data is read or a board opened
     data = load_mnist(args.data_dir, download_missing=args.download, seed=config.seed)
@@ -118,6 +120,35 @@ def run_train(args: argparse.Namespace) -> None:
     if trainer.board is not None:
         summary["board"] = trainer.board.info()
     print(json.dumps(summary, indent=2))
+
+
+def _check_data_parallel(nproc: int | None, config) -> None:
+    """Refuse a data-parallel request that cannot run, before a directory is claimed or a rank
+    spawned (each rank would otherwise say it again)."""
+    from cim_hil.errors import ConfigError
+    from cim_hil.training.algorithms.config import MIXED_PRECISION
+    from cim_hil.training.distributed import under_torchrun
+
+    if under_torchrun():
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))
+        if nproc is not None and nproc != ranks:
+            raise ConfigError(f"--nproc {nproc} under torchrun, which started {ranks} rank(s): torchrun sets the "
+                              "ranks (--nproc-per-node), leave out --nproc")
+    elif nproc is None:
+        if config.rank_boards:
+            raise ConfigError("rank_boards (--rank-boards) names one board per data-parallel rank: give --nproc N "
+                              "as well, or run under torchrun; one process trains on --board")
+        return
+    elif nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    else:
+        ranks = nproc
+    if config.rank_boards and len(config.rank_boards) != ranks:
+        raise ConfigError(f"rank_boards (--rank-boards) names {len(config.rank_boards)} board(s) for {ranks} ranks: "
+                          "give one per rank")
+    if ranks > 1 and config.algorithm not in MIXED_PRECISION:
+        raise ConfigError(f"data-parallel ranks train with mixed precision only (--algorithm mp or "
+                          f"mp-no-accumulation), not {config.algorithm}")
 
 
 # A resumed run may be given more epochs or more patience; everything else is the run's own.

@@ -189,7 +189,8 @@ def under_torchrun() -> bool:
 
 def run_rank(world: ProcessGroupWorld, config: Any, data: Any, out_dir: str | Path, progress: bool,
              resume: bool, epochs: int | None = None, overwrite: bool = False) -> dict:
-    """Train as one rank; a failure here is reported to the others, one elsewhere is named."""
+    """Train as one rank; a failure here is reported to the others, one elsewhere is named.
+    Rank 0 prints the placement on stderr before training, as a single process does."""
     from cim_hil.training.trainer import Trainer
 
     try:
@@ -197,6 +198,8 @@ def run_rank(world: ProcessGroupWorld, config: Any, data: Any, out_dir: str | Pa
             trainer = Trainer.resume(out_dir, data, progress and world.rank == 0, world)
         else:
             trainer = Trainer(config, data, out_dir, progress and world.rank == 0, world, overwrite=overwrite)
+        if trainer.placement is not None and world.writer:
+            print(f"placement: {trainer.placement.summary()} (in {out_dir}/placement.json)", file=sys.stderr)
         history = trainer.fit(epochs)
         summary = {"out": str(out_dir), "epochs": trainer.epoch, "ranks": world.size, **(history[-1] if history else {})}
         if trainer.board is not None:

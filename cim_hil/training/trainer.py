@@ -65,7 +65,8 @@ class TrainConfig(Strict):
         "the emulator the seed plus the rank (another chip)"
     )
     distributed_timeout_s: float = Field(
-        60.0, gt=0.0, description="data-parallel: how long a rank waits for the others before it stops"
+        60.0, gt=0.0, le=86_400.0, allow_inf_nan=False,
+        description="data-parallel: how long a rank waits for the others before it stops (at most a day)"
     )
     mapping: MappingConfig = Field(
         MappingConfig(differential=True),
