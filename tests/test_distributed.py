@@ -4,6 +4,7 @@ import json
 import multiprocessing
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -84,13 +85,18 @@ def _serve(tiles=4):
     return process, url.group(0)
 
 
-def test_two_ranks_stop_with_an_error_naming_the_board_that_was_killed(tmp_path):
+CIM_HIL_TRAIN = ["-m", "cim_hil.cli", "train"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _kill_a_board_mid_run(train_command: list[str], tmp_path, timeout_s: float):
+    """Two ranks on two virtual boards, started by ``train_command`` (``cim-hil train`` and
+    how to get two ranks); board 1 is killed in the first steps. (returncode, stderr, seconds
+    from the kill to the end, board 1's URL)."""
     (board0, url0), (board1, url1) = _serve(), _serve()
-    timeout_s = 20
     train = subprocess.Popen(
-        [sys.executable, "-m", "cim_hil.cli", "train", "--nproc", "2", "--rank-boards", url0, url1, "--host-layers",
-         "auto", "--epochs", "2", "--train-limit", "2000", "--test-limit", "50", "--no-progress",
-         "--distributed-timeout", str(timeout_s), "--out", str(tmp_path)],
+        [*train_command, "--rank-boards", url0, url1, "--host-layers", "auto", "--epochs", "2", "--train-limit", "2000",
+         "--test-limit", "50", "--no-progress", "--distributed-timeout", str(timeout_s), "--out", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -107,7 +113,14 @@ def test_two_ranks_stop_with_an_error_naming_the_board_that_was_killed(tmp_path)
         for process in (train, board0, board1):
             process.kill()
             process.wait()
-    assert train.returncode == 2
+    return train.returncode, stderr, stopped_s, url1
+
+
+def test_two_ranks_stop_with_an_error_naming_the_board_that_was_killed(tmp_path):
+    timeout_s = 20
+    code, stderr, stopped_s, url1 = _kill_a_board_mid_run([sys.executable, *CIM_HIL_TRAIN, "--nproc", "2"], tmp_path,
+                                                          timeout_s)
+    assert code == 2
     lines = [line for line in stderr.splitlines() if line.startswith("cim-hil: error:")]
     assert len(lines) == 1, stderr
     rank0, rank1 = lines[0].split("; rank 1: ")
@@ -115,6 +128,50 @@ def test_two_ranks_stop_with_an_error_naming_the_board_that_was_killed(tmp_path)
     assert url1.removeprefix("socket://") in rank1 and "resume with --resume" in rank1
     assert stopped_s < timeout_s, f"stopped {stopped_s:.1f} s after the board was killed"
     assert "Traceback" not in stderr
+
+
+def test_under_torchrun_both_ranks_stop_naming_the_board_that_was_killed(tmp_path):
+    """torchrun ends the other ranks with SIGTERM once one has ended: each still says which
+    board failed, whether the signal or a failed collective reaches it first."""
+    timeout_s = 20
+    code, stderr, stopped_s, url1 = _kill_a_board_mid_run(
+        [*TORCHRUN, "--standalone", "--nproc-per-node", "2", *CIM_HIL_TRAIN], tmp_path, timeout_s)
+    assert code != 0
+    lines = sorted(line for line in stderr.splitlines() if line.startswith("cim-hil: error:"))
+    assert len(lines) == 2, stderr
+    failed, stopped = (lines[0], lines[1]) if "rank 0 (board" in lines[1] else (lines[1], lines[0])
+    assert url1.removeprefix("socket://") in failed and "resume with --resume" in failed
+    assert f"stopped because rank 1's board {url1} failed" in stopped
+    assert stopped_s < timeout_s, f"stopped {stopped_s:.1f} s after the board was killed"
+    assert not re.search(r'File ".*cim_hil', stderr), stderr  # torchrun prints its own summary; none of ours
+
+
+def test_ranks_on_two_hosts_resume_from_rank_0s_directory_alone(tmp_path):
+    """Two torchrun agents as two hosts, each with its own --out: only rank 0's holds the run,
+    and --resume works on both, rank 0 handing its checkpoint to the other."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    train = ["--train-limit", "64", "--test-limit", "20", "--batch-size", "16", "--host-layers", "7", "--pack",
+             "--no-progress"]
+
+    def both_hosts(*extra: str) -> list[subprocess.CompletedProcess]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the two "hosts" share this machine's cores
+        hosts = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                                   "--master-port", str(port), "--node-rank", str(node), *CIM_HIL_TRAIN, *train,
+                                   "--out", str(tmp_path / f"host{node}"), *extra],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for node in range(2)]
+        return [subprocess.CompletedProcess(host.args, host.wait(timeout=300), *host.communicate()) for host in hosts]
+
+    for host in both_hosts("--epochs", "1"):
+        assert host.returncode == 0, host.stderr
+    assert (tmp_path / "host0" / "checkpoint.pt").is_file() and not (tmp_path / "host1").exists()
+    for host in both_hosts("--epochs", "2", "--resume"):
+        assert host.returncode == 0, host.stderr
+    rows = [json.loads(line) for line in (tmp_path / "host0" / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["epoch"], row["ranks"]) for row in rows] == [(1, 2), (2, 2)]
+    assert not (tmp_path / "host1").exists()
 
 
 def test_a_two_rank_run_resumes_from_rank_0s_checkpoint(tmp_path):
@@ -172,3 +229,13 @@ def test_each_rank_s_emulator_is_the_url_s_chip_seed_plus_its_rank(tmp_path):
     assert config_from_url(_emulator_seeded("emulator:?tiles=4", 1)).seed == 1
     with pytest.raises(ConfigError):
         _emulator_seeded("emulator:?seed=x", 0)
+
+
+@pytest.mark.parametrize("gpus, local_ranks, expected", [(0, 1, "gloo"), (1, 1, "nccl"), (1, 2, "gloo"), (2, 2, "nccl")])
+def test_nccl_only_when_every_rank_on_the_host_has_a_gpu_of_its_own(monkeypatch, gpus, local_ranks, expected):
+    """No CUDA here, so its answers are patched: NCCL refuses two ranks on one GPU."""
+    from cim_hil.training import distributed
+
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: gpus)
+    assert distributed.backend(local_ranks) == expected

@@ -43,18 +43,12 @@ def register(commands: argparse._SubParsersAction, calibrate=None) -> None:
     train.set_defaults(run=run_train, calibrate=calibrate)
 
 
-def _train_data_parallel(args: argparse.Namespace, config, data, progress: bool) -> None:
-    """``--nproc N`` spawns N ranks here; under torchrun this process is one of them."""
-    import torch.distributed as dist
+def _train_data_parallel(args: argparse.Namespace, config, data, progress: bool, world, state) -> None:
+    """``--nproc N`` spawns N ranks here; under torchrun this process is one of them (``world``)."""
+    from cim_hil.training.distributed import run_rank, spawn_ranks
 
-    from cim_hil.training.distributed import join_group, run_rank, spawn_ranks, under_torchrun
-
-    if under_torchrun():
-        world = join_group(0, 0, None, config.distributed_timeout_s)
-        try:
-            summary = run_rank(world, config, data, args.out, progress, args.resume, args.epochs, args.overwrite)
-        finally:
-            dist.destroy_process_group()
+    if world is not None:
+        summary = run_rank(world, config, data, args.out, progress, args.resume, args.epochs, args.overwrite, state)
         if world.rank != 0:
             return
     else:
@@ -63,13 +57,14 @@ def _train_data_parallel(args: argparse.Namespace, config, data, progress: bool)
 
 
 def run_train(args: argparse.Namespace) -> None:
-    """Train LeNet-5 on MNIST (mixed precision on the emulator by default); resume with --resume."""
+    """Train LeNet-5 on MNIST (mixed precision on the emulator by default); resume with --resume.
+    Under torchrun each process first joins the group, so that rank 0 alone reads a checkpoint
+    to resume from: other hosts need not see its run directory."""
+    import torch.distributed as dist
+
     from cim_hil.config import load_config, validate
-    from cim_hil.errors import ConfigError
-    from cim_hil.training import TrainConfig, Trainer
-    from cim_hil.training.distributed import under_torchrun
-    from cim_hil.training.mnist import load_mnist
-    from cim_hil.training.rundir import RunDirectory
+    from cim_hil.training import TrainConfig
+    from cim_hil.training.distributed import join_group, stopped_by_sigterm, under_torchrun
 
     base = load_config(args.config, TrainConfig).model_dump() if args.config else {}
     flags = {
@@ -90,23 +85,48 @@ def run_train(args: argparse.Namespace) -> None:
             "auto" if args.host_layers == "auto" else [name for name in args.host_layers.split(",") if name]),
     }
     given = {k: v for k, v in flags.items() if v is not None}
+    if not under_torchrun():
+        _train(args, base, given, None)
+        return
+    # The timeout of the run to resume is not known before its checkpoint is: the flag's, or the default.
+    timeout_s = given.get("distributed_timeout_s", base.get("distributed_timeout_s",
+                                                             TrainConfig.model_fields["distributed_timeout_s"].default))
+    world = join_group(0, 0, None, validate(TrainConfig, {"distributed_timeout_s": timeout_s}).distributed_timeout_s)
+    try:
+        with stopped_by_sigterm():
+            _train(args, base, given, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, base: dict, given: dict, world) -> None:
+    """One process's run: alone, the parent of ``--nproc`` ranks, or one torchrun rank (``world``)."""
+    from cim_hil.config import validate
+    from cim_hil.errors import ConfigError
+    from cim_hil.training import TrainConfig, Trainer
+    from cim_hil.training.distributed import checkpoint_from_rank_0
+    from cim_hil.training.mnist import load_mnist
+    from cim_hil.training.rundir import RunDirectory
+
     progress = not args.no_progress
     if args.resume:
         if args.overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite starts a new one: give one of them")
-        state = Trainer.read_checkpoint(args.out)
+        if world is None:
+            state = Trainer.read_checkpoint(args.out)
+        else:
+            state = checkpoint_from_rank_0(world, lambda: Trainer.read_checkpoint(args.out))
         _refuse_conflicts(state["config"], {**base, **given}, args.out)
         config = validate(TrainConfig, state["config"])
     else:
         state, config = None, validate(TrainConfig, {**base, **given})
     _check_data_parallel(args.nproc, config)
-    if state is None:
-        if not under_torchrun() or os.environ.get("RANK", "0") == "0":  # the writing rank claims the directory
-            RunDirectory(args.out).claim(args.overwrite)  # before the data is read or a board opened
+    if state is None and (world is None or world.writer):  # the writing rank claims the directory,
+        RunDirectory(args.out).claim(args.overwrite)  # before the data is read or a board opened
     data = load_mnist(args.data_dir, download_missing=args.download, seed=config.seed)
     print(f"data: {data.source}", file=sys.stderr)
-    if args.nproc is not None or under_torchrun():
-        _train_data_parallel(args, config, data, progress)
+    if args.nproc is not None or world is not None:
+        _train_data_parallel(args, config, data, progress, world, state)
         return
     if state is not None:
         trainer = Trainer.resume(args.out, data, progress, state=state, calibrate=args.calibrate)

@@ -21,11 +21,13 @@ import json
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import traceback
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 from urllib.parse import parse_qsl, urlencode
 
 import torch
@@ -137,8 +139,8 @@ class ProcessGroupWorld(World):
     def report_failure(self, error: BaseException) -> None:
         """Tell the other ranks what failed here, before this rank leaves."""
         report = {"rank": self.rank, "board": self.url, "error": str(error)}
-        try:
-            dist.distributed_c10d._get_default_store().set(FAILURE_KEY, json.dumps(report))
+        try:  # the first report stands: a rank stopping at the same time does not overwrite it
+            dist.distributed_c10d._get_default_store().compare_set(FAILURE_KEY, "", json.dumps(report))
         except Exception:  # the store may be gone as well; the others then report a lost rank
             pass
 
@@ -155,6 +157,28 @@ class ProcessGroupWorld(World):
                           f"{report['board']} failed: {report['error']}")
 
 
+class RankStopped(CimHilError):
+    """torchrun's SIGTERM, sent to every rank once one has ended, as an error where it lands."""
+
+
+@contextmanager
+def stopped_by_sigterm() -> Iterator[None]:
+    """Under torchrun: a SIGTERM raises ``RankStopped`` wherever this rank is (a rank on its
+    own link can take a second to reach the collective that would tell it a peer has gone), so
+    it can still say whose board failed. Once it is stopping with an error, SIGTERM is ignored
+    until it has said so and exited; torchrun kills it after its grace period if it does not."""
+    def stop(signum, frame):
+        raise RankStopped("torchrun stopped this rank (SIGTERM): another rank has ended")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except BaseException:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
+    signal.signal(signal.SIGTERM, previous)
+
+
 def _emulator_seeded(url: str, rank: int) -> str:
     """``url`` with its seed (the URL's, else its config file's, else the default) plus ``rank``."""
     head, _, query = url.partition("?")
@@ -163,13 +187,15 @@ def _emulator_seeded(url: str, rank: int) -> str:
     return f"{head}?{urlencode(options)}"
 
 
-def backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def backend(local_ranks: int) -> str:
+    """NCCL when CUDA gives every rank on this host a GPU of its own (NCCL refuses two ranks on
+    one GPU), else gloo."""
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_ranks else "gloo"
 
 
 def join_group(rank: int, size: int, store: dist.Store | None, timeout_s: float) -> ProcessGroupWorld:
     """Join the default process group (from ``store``, or torchrun's environment when None)."""
-    name = backend()
+    name = backend(size if store is not None else int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     device = torch.device("cpu")
     if name == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
@@ -187,15 +213,34 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def checkpoint_from_rank_0(world: ProcessGroupWorld, read: Callable[[], dict]) -> dict:
+    """Rank 0's ``read()`` (the checkpoint to resume) on every rank: on several hosts only rank
+    0's need hold the run directory. What rank 0 could not read is raised on every rank."""
+    box: list[Any] = [None]
+    if world.rank == 0:
+        try:
+            box = [("state", read())]
+        except CimHilError as error:
+            box = [("error", str(error))]
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise CimHilError(value)
+    return value
+
+
 def run_rank(world: ProcessGroupWorld, config: Any, data: Any, out_dir: str | Path, progress: bool,
-             resume: bool, epochs: int | None = None, overwrite: bool = False) -> dict:
+             resume: bool, epochs: int | None = None, overwrite: bool = False, state: dict | None = None) -> dict:
     """Train as one rank; a failure here is reported to the others, one elsewhere is named.
-    Rank 0 prints the placement on stderr before training, as a single process does."""
+    Resuming, ``state`` is the checkpoint (else read from ``out_dir``). Rank 0 prints the
+    placement on stderr before training, as a single process does."""
     from cim_hil.training.trainer import Trainer
 
     try:
         if resume:
-            trainer = Trainer.resume(out_dir, data, progress and world.rank == 0, world)
+            trainer = Trainer.resume(out_dir, data, progress and world.rank == 0, world, state=state)
         else:
             trainer = Trainer(config, data, out_dir, progress and world.rank == 0, world, overwrite=overwrite)
         if trainer.placement is not None and world.writer:
@@ -205,6 +250,8 @@ def run_rank(world: ProcessGroupWorld, config: Any, data: Any, out_dir: str | Pa
         if trainer.board is not None:
             summary["board"] = trainer.board.info()
         return summary
+    except RankStopped as error:  # a peer ended first
+        raise world.failure_elsewhere(error, config.distributed_timeout_s) from None
     except CimHilError as error:
         world.report_failure(error)
         raise
