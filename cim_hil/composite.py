@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from cim_hil.board import Board, open_board
+from cim_hil.board import Board, open_board, scheme_of
+from cim_hil.config import LinkConfig
 from cim_hil.errors import BoardError, CimHilError
 from cim_hil.group import TileGroup, cut_to_windows, padded_to_windows
 from cim_hil.tile import Counters, ProgramResult, Tile, TileSpec, Window
@@ -227,11 +228,13 @@ def _same_spec(a: TileSpec, b: TileSpec) -> bool:
 
 
 def open_composite(url: str, config: Any = None) -> CompositeBoard:
-    """``composite:URL1|URL2|...``: each member opened with ``open_board`` from its own URL
-    alone (``config`` must be None: members are configured by their URLs); if one cannot be
-    opened, those already open are closed and the error names it."""
-    if config is not None:
-        raise BoardError("a composite board takes no config: configure each member through its URL")
+    """``composite:URL1|URL2|...``: each member opened with ``open_board`` from its own URL;
+    ``config``, a ``LinkConfig`` (line rate, patience), goes to every member but emulators,
+    which their URLs configure. If one cannot be opened, those already open are closed and the
+    error names it."""
+    if config is not None and not isinstance(config, LinkConfig):
+        raise BoardError(f"a composite board takes a LinkConfig for its members on a link, not "
+                         f"{type(config).__name__}: configure emulated members through their URLs")
     urls = [part for part in url.removeprefix("composite:").split(SEPARATOR)]
     if not urls or any(not part for part in urls):
         raise BoardError(f"composite board URL {url!r} must list member URLs separated by {SEPARATOR!r}, "
@@ -242,7 +245,7 @@ def open_composite(url: str, config: Any = None) -> CompositeBoard:
             if member_url.startswith("composite:"):
                 raise BoardError("a composite board's members cannot be composite boards themselves")
             try:
-                members.append(open_board(member_url))
+                members.append(open_board(member_url, None if scheme_of(member_url) == "emulator" else config))
             except CimHilError as error:
                 raise type(error)(f"member {index} of composite board {url} ({member_url}): {error}") from None
         return CompositeBoard(members, url)

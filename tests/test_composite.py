@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from cim_hil.board import open_board
+from cim_hil.config import LinkConfig
 from cim_hil.errors import BoardError
 from cim_hil.nn import MappingConfig, analog_layers, convert_to_analog
 from cim_hil.nn.placement import plan_placement
@@ -135,6 +136,16 @@ def test_composite_urls_are_checked(served):
             assert board[0].spec.g_min_us != 7.6 and all(tile.spec == board[0].spec for tile in board)
     with pytest.raises(BoardError, match="member 1 of composite board .*nowhere"):
         open_board(f"composite:{url}|nowhere:")
+
+
+def test_a_link_config_reaches_the_members_on_a_link_and_not_the_emulated_ones(served):
+    url, _, path = served
+    patient = LinkConfig(response_timeout_s=7.5, retries=5)
+    with open_board(f"composite:{url}|emulator:{path}?first_tile=2", patient) as board:
+        serial, emulated = board.members
+        assert serial.link.config == patient and len(emulated) == 2
+    with pytest.raises(BoardError, match="takes a LinkConfig for its members on a link, not EmulatorConfig"):
+        open_board(f"composite:{url}", CHIP)
 
 
 def test_lenet_trains_packed_on_three_reference_socs(tmp_path):
