@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
+from pathlib import Path
 
 from cim_hil.config import LinkConfig
 from cim_hil.nn.placement import plan_placement
@@ -27,26 +26,14 @@ from cim_hil.training.distributed import spawn_ranks
 from cim_hil.training.lenet import lenet5
 from cim_hil.training.mnist import load_mnist
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _boards import serve  # noqa: E402
+
 BATCH = 16
 TEST_PER_RANK = 40
 # The emulator behind a virtual board computes a whole model's first write-verify far slower than a
 # chip would (seconds on a busy machine); the link waits that long for the answer.
 LINK_PATIENCE_S = 30.0
-
-
-def serve(stack: ExitStack, tiles: int, baud: int, seed: int) -> str:
-    """A paced virtual board in its own process; its URL. Stopped when ``stack`` closes."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cim_hil.cli", "board", "serve", "--tcp", "0", "--tiles", str(tiles),
-         "--seed", str(seed), "--pace-baud", str(baud)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stack.callback(process.wait)
-    stack.callback(process.kill)
-    line = process.stdout.readline()
-    found = re.search(r"socket://127\.0\.0\.1:\d+", line)
-    if not found:
-        raise SystemExit(f"the virtual board did not start: {line}{process.stderr.read()}")
-    return found.group(0)
 
 
 def run(ranks: int, samples_per_rank: int, baud: int, tiles: int, data) -> dict:
