@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -169,3 +170,23 @@ def test_lenet_trains_packed_on_three_reference_socs(tmp_path):
     finally:
         for board in boards:
             board.stop()
+
+
+def test_calibration_on_member_tiles_gives_the_numbers_of_one_emulator(served):
+    """Calibration takes a composite's tiles like any board's: the symmetry search and
+    zero-shift on the serial member's tile and on an emulated member's tile find what they
+    find on the same tiles of one emulator."""
+    from calibration import SymmetrySearchConfig, find_symmetry_points, zero_shift
+
+    url, _, chip = served
+    search = SymmetrySearchConfig(max_pairs=20, settle_blocks=5)
+    with open_board(f"emulator:{chip}?tiles=3") as alone, \
+            open_board(f"composite:{url}|emulator:{chip}?tiles=1&first_tile=2") as composite:
+        for index in (0, 2):  # on the link, emulated
+            expected = find_symmetry_points(alone[index], search, progress=False)
+            got = find_symmetry_points(composite[index], search, progress=False, tile_index=index)
+            for field in ("symmetry_us", "uncertainty_us", "stuck"):
+                assert np.array_equal(expected[field], got[field], equal_nan=field != "stuck"), (index, field)
+            assert np.isfinite(got["symmetry_us"]).mean() > 0.5  # found, not NaN alike
+            assert np.array_equal(zero_shift(alone[index], expected)["residual_us"],
+                                  zero_shift(composite[index], got)["residual_us"], equal_nan=True), index
