@@ -179,7 +179,7 @@ def test_calibration_on_member_tiles_gives_the_numbers_of_one_emulator(served):
     from calibration import SymmetrySearchConfig, find_symmetry_points, zero_shift
 
     url, _, chip = served
-    search = SymmetrySearchConfig(max_pairs=20, settle_blocks=5)
+    search = SymmetrySearchConfig(max_pairs=600, settle_blocks=4)
     with open_board(f"emulator:{chip}?tiles=3") as alone, \
             open_board(f"composite:{url}|emulator:{chip}?tiles=1&first_tile=2") as composite:
         for index in (0, 2):  # on the link, emulated
