@@ -4,6 +4,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -128,6 +129,55 @@ def test_two_ranks_stop_with_an_error_naming_the_board_that_was_killed(tmp_path)
     assert url1.removeprefix("socket://") in rank1 and "resume with --resume" in rank1
     assert stopped_s < timeout_s, f"stopped {stopped_s:.1f} s after the board was killed"
     assert "Traceback" not in stderr
+
+
+def _spawned_ranks(parent: int) -> list[int]:
+    """The pids of the ranks ``parent`` spawned, rank 0 first (multiprocessing's resource
+    tracker left out)."""
+    ranks = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+        if ppid == parent and b"spawn_main" in command:
+            ranks.append(pid)
+    return sorted(ranks)  # started in rank order, pids not yet wrapped around on a test machine
+
+
+def test_a_rank_that_hangs_is_reported_and_killed_and_nothing_waits_for_ever(tmp_path):
+    """A rank's process stopped mid-run (SIGSTOP): the other rank's collective times out and it
+    stops with an error; the parent then kills the hung rank instead of waiting for it."""
+    timeout_s = 6
+    train = subprocess.Popen(
+        [sys.executable, *CIM_HIL_TRAIN, "--nproc", "2", "--host-layers", "7", "--pack", "--epochs", "2",
+         "--train-limit", "4000", "--test-limit", "50", "--no-progress", "--distributed-timeout", str(timeout_s),
+         "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "placement.json").exists():
+            assert train.poll() is None, train.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1.0)
+        ranks = _spawned_ranks(train.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, stderr = train.communicate(timeout=4 * timeout_s + 30)
+        took_s = time.monotonic() - stopped
+    finally:
+        train.kill()
+        train.wait()
+    assert train.returncode == 2, stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("cim-hil: error:")]
+    assert f"did not answer within {timeout_s} s" in line and "rank 1 (board emulator:?seed=1) did not stop" in line
+    assert "killed" in line and "Traceback" not in stderr
+    # The other rank's collective times out, it waits for a report, then the parent as long again.
+    assert took_s < 2 * (timeout_s + 5) + 10, f"{took_s:.1f} s"
+    with pytest.raises(ProcessLookupError):
+        os.kill(ranks[1], 0)
 
 
 def test_under_torchrun_both_ranks_stop_naming_the_board_that_was_killed(tmp_path):

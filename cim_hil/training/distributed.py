@@ -7,12 +7,14 @@ is agreed on too (``agree``), so chi, the rule's state and the host's weights st
 every rank while each programs its own devices. Rank 0 writes the metrics and the checkpoint
 (every rank's emulated device state in it).
 
-Backends: gloo on CPU, NCCL when CUDA is there. ``cim-hil train --nproc N`` spawns the ranks
-around a rendezvous store the parent holds, so the store outlives any rank; under ``torchrun``
-each process joins through the environment. A rank whose board fails writes what failed into
-the store and leaves; the others' next collective fails when its connections close (or, if it
-hangs instead, after ``distributed_timeout_s``), and each raises a ``BoardError`` naming that
-rank's board. No rank waits longer than the timeout.
+Backends: NCCL when CUDA gives each rank on a host a GPU of its own, else gloo. ``cim-hil train
+--nproc N`` spawns the ranks around a rendezvous store the parent holds, so the store outlives
+any rank; under ``torchrun`` each process joins through the environment, and rank 0 hands the
+checkpoint to resume to the others. A rank whose board fails writes what failed into the store
+and leaves; the others' next collective fails when its connections close (or, if it hangs
+instead, after ``distributed_timeout_s``), and each raises a ``BoardError`` naming that rank's
+board. No rank waits longer than the timeout: a spawned rank that has not stopped a timeout
+after another's error is killed, and torchrun ends its ranks itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import queue
 import signal
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from datetime import timedelta
@@ -304,10 +307,16 @@ def spawn_ranks(config: Any, data: Any, out_dir: str | Path, nproc: int, progres
     for process in ranks:
         process.start()
     results: dict[int, tuple[str, Any]] = {}
+    # Once a rank has failed, every other rank stops within the timeout (plus the wait for a
+    # failed peer's report); one that has not by then hangs itself (its board, or its process,
+    # stopped answering), and is killed rather than waited for.
+    deadline = None
     while len(results) < nproc:
         try:
             rank, kind, value = answers.get(timeout=0.5)
             results[rank] = (kind, value)
+            if kind != "done" and deadline is None:
+                deadline = time.monotonic() + config.distributed_timeout_s + REPORT_WAIT_S
             continue
         except queue.Empty:
             pass
@@ -317,6 +326,14 @@ def spawn_ranks(config: Any, data: Any, out_dir: str | Path, nproc: int, progres
                 results[rank] = (kind, value)
             for rank, process in enumerate(ranks):
                 results.setdefault(rank, ("error", f"ended (exit code {process.exitcode}) without a report"))
+        elif deadline is not None and time.monotonic() > deadline:
+            for rank, process in enumerate(ranks):
+                if rank not in results:
+                    process.kill()
+                    url = ProcessGroupWorld(rank, nproc, torch.device("cpu")).board_url(config)
+                    results[rank] = ("error", f"rank {rank} (board {url}) did not stop within "
+                                     f"{config.distributed_timeout_s + REPORT_WAIT_S:g} s of another rank's error; "
+                                     "killed")
     for process in ranks:
         process.join(REPORT_WAIT_S)
         if process.is_alive():  # answered but stuck on its way out
