@@ -172,6 +172,29 @@ def test_lenet_trains_packed_on_three_reference_socs(tmp_path):
             board.stop()
 
 
+def test_cim_hil_train_runs_lenet_on_one_reference_soc_plus_emulated_tiles(tmp_path, capsys):
+    """The README's command for all of LeNet with one 4-tile board: the SoC holds tiles 0-3,
+    an emulator of the same chip from tile 4 on the other 14."""
+    import json
+
+    from cim_hil.cli import main
+
+    with VirtualBoard(make_config(seed=0)) as soc:
+        url = soc.open_tcp()
+        soc.start()
+        code = main(["train", "--board", f"composite:{url}|emulator:?tiles=14&first_tile=4", "--epochs", "1",
+                     "--train-limit", "32", "--test-limit", "16", "--batch-size", "16", "--lr", "0.05",
+                     "--no-progress", "--out", str(tmp_path)])
+        out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "placement: 18 tiles of 64x64, one block per tile; on the host: nothing" in err
+    summary = json.loads(out)
+    soc_info, emulated_info = summary["board"]["members"]
+    assert soc_info["backend"] == "serial" and soc_info["link"]["frames_out"] > 0 and emulated_info["backend"] == "emulator"
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert row["devices_programmed"] > 0 and json.loads((tmp_path / "placement.json").read_text())
+
+
 def test_calibration_on_member_tiles_gives_the_numbers_of_one_emulator(served):
     """Calibration takes a composite's tiles like any board's: the symmetry search and
     zero-shift on the serial member's tile and on an emulated member's tile find what they
