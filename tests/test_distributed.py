@@ -234,9 +234,11 @@ def test_a_two_rank_run_resumes_from_rank_0s_checkpoint(tmp_path):
     assert state["epoch"] == 1 and len(state["rank_boards"]) == 2
     generators = [board["tiles"][0]["generator"] for board in state["rank_boards"]]
     assert not torch.equal(*generators)  # each rank's own chip, its own random stream
-    second = subprocess.run([sys.executable, "-m", "cim_hil.cli", "train", "--epochs", "2", "--resume", *common],
-                            capture_output=True, text=True, timeout=600)
+    second = subprocess.run([sys.executable, "-m", "cim_hil.cli", "train", "--epochs", "2", "--resume",
+                             "--distributed-timeout", "90", *common], capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr
+    # A resumed run may be given more patience, and its checkpoint records it.
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["config"]["distributed_timeout_s"] == 90
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2] and all(row["ranks"] == 2 for row in rows)
     # Both ranks on this host: each takes half its cores for host compute, not all of them.

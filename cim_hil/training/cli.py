@@ -48,11 +48,11 @@ def _train_data_parallel(args: argparse.Namespace, config, data, progress: bool,
     from cim_hil.training.distributed import run_rank, spawn_ranks
 
     if world is not None:
-        summary = run_rank(world, config, data, args.out, progress, args.resume, args.epochs, args.overwrite, state)
+        summary = run_rank(world, config, data, args.out, progress, state, args.epochs, args.overwrite)
         if world.rank != 0:
             return
     else:
-        summary = spawn_ranks(config, data, args.out, args.nproc, progress, args.resume, args.epochs, args.overwrite)
+        summary = spawn_ranks(config, data, args.out, args.nproc, progress, state, args.epochs, args.overwrite)
     print(json.dumps(summary, indent=2))
 
 
@@ -88,10 +88,10 @@ def run_train(args: argparse.Namespace) -> None:
     if not under_torchrun():
         _train(args, base, given, None)
         return
-    # The timeout of the run to resume is not known before its checkpoint is: the flag's, or the default.
-    timeout_s = given.get("distributed_timeout_s", base.get("distributed_timeout_s",
-                                                             TrainConfig.model_fields["distributed_timeout_s"].default))
-    world = join_group(0, 0, None, validate(TrainConfig, {"distributed_timeout_s": timeout_s}).distributed_timeout_s)
+    # A resumed run's timeout is not known before its checkpoint is: the group waits the flag's (or
+    # the config file's, or the default), and so does the resumed run (``_train``).
+    patience = validate(TrainConfig, {"distributed_timeout_s": _patience({**base, **given})}).distributed_timeout_s
+    world = join_group(0, 0, None, patience)
     try:
         with stopped_by_sigterm():
             _train(args, base, given, world)
@@ -116,7 +116,10 @@ def _train(args: argparse.Namespace, base: dict, given: dict, world) -> None:
             state = Trainer.read_checkpoint(args.out)
         else:
             state = checkpoint_from_rank_0(world, lambda: Trainer.read_checkpoint(args.out))
-        _refuse_conflicts(state["config"], {**base, **given}, args.out)
+        asked = {**base, **given}
+        _refuse_conflicts(state["config"], asked, args.out)
+        if "distributed_timeout_s" in asked or world is not None:  # more patience, or the group's
+            state["config"] = {**state["config"], "distributed_timeout_s": _patience(asked)}
         config = validate(TrainConfig, state["config"])
     else:
         state, config = None, validate(TrainConfig, {**base, **given})
@@ -140,6 +143,13 @@ def _train(args: argparse.Namespace, base: dict, given: dict, world) -> None:
     if trainer.board is not None:
         summary["board"] = trainer.board.info()
     print(json.dumps(summary, indent=2))
+
+
+def _patience(asked: dict) -> float:
+    """The data-parallel timeout the flags or config file ask for, else the default."""
+    from cim_hil.training import TrainConfig
+
+    return asked.get("distributed_timeout_s", TrainConfig.model_fields["distributed_timeout_s"].default)
 
 
 def _check_data_parallel(nproc: int | None, config) -> None:

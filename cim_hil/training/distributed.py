@@ -235,15 +235,15 @@ def checkpoint_from_rank_0(world: ProcessGroupWorld, read: Callable[[], dict]) -
 
 
 def run_rank(world: ProcessGroupWorld, config: Any, data: Any, out_dir: str | Path, progress: bool,
-             resume: bool, epochs: int | None = None, overwrite: bool = False, state: dict | None = None) -> dict:
-    """Train as one rank; a failure here is reported to the others, one elsewhere is named.
-    Resuming, ``state`` is the checkpoint (else read from ``out_dir``). Rank 0 prints the
-    placement on stderr before training, as a single process does."""
+             resume: dict | None = None, epochs: int | None = None, overwrite: bool = False) -> dict:
+    """Train as one rank, a new run or the checkpoint ``resume`` continued; a failure here is
+    reported to the others, one elsewhere is named. Rank 0 prints the placement on stderr
+    before training, as a single process does."""
     from cim_hil.training.trainer import Trainer
 
     try:
-        if resume:
-            trainer = Trainer.resume(out_dir, data, progress and world.rank == 0, world, state=state)
+        if resume is not None:
+            trainer = Trainer.resume(out_dir, data, progress and world.rank == 0, world, state=resume)
         else:
             trainer = Trainer(config, data, out_dir, progress and world.rank == 0, world, overwrite=overwrite)
         if trainer.placement is not None and world.writer:
@@ -273,8 +273,8 @@ def share_cores(ranks: int) -> None:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks))
 
 
-def _spawned(rank: int, size: int, port: int, config: Any, data: Any, out_dir: str, progress: bool, resume: bool,
-             epochs: int | None, overwrite: bool, answers: multiprocessing.Queue) -> None:
+def _spawned(rank: int, size: int, port: int, config: Any, data: Any, out_dir: str, progress: bool,
+             resume: dict | None, epochs: int | None, overwrite: bool, answers: multiprocessing.Queue) -> None:
     """One spawned rank: joins through the parent's store, answers (rank, summary or error)."""
     try:
         share_cores(size)
@@ -292,9 +292,10 @@ def _spawned(rank: int, size: int, port: int, config: Any, data: Any, out_dir: s
 
 
 def spawn_ranks(config: Any, data: Any, out_dir: str | Path, nproc: int, progress: bool = True,
-                resume: bool = False, epochs: int | None = None, overwrite: bool = False) -> dict:
-    """Run ``nproc`` ranks as child processes around a store this process holds; returns rank
-    0's summary, or raises one ``BoardError`` with every rank's error, a line each."""
+                resume: dict | None = None, epochs: int | None = None, overwrite: bool = False) -> dict:
+    """Run ``nproc`` ranks as child processes around a store this process holds (a new run, or
+    the checkpoint ``resume`` continued); returns rank 0's summary, or raises one ``BoardError``
+    with every rank's error, a line each."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     timeout = timedelta(seconds=config.distributed_timeout_s)
