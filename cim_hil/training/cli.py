@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -123,7 +122,7 @@ def _train(args: argparse.Namespace, base: dict, given: dict, world) -> None:
         config = validate(TrainConfig, state["config"])
     else:
         state, config = None, validate(TrainConfig, {**base, **given})
-    _check_data_parallel(args.nproc, config)
+    _check_data_parallel(args.nproc, config, world)
     if state is None and (world is None or world.writer):  # the writing rank claims the directory,
         RunDirectory(args.out).claim(args.overwrite)  # before the data is read or a board opened
     data = load_mnist(args.data_dir, download_missing=args.download, seed=config.seed)
@@ -136,8 +135,7 @@ def _train(args: argparse.Namespace, base: dict, given: dict, world) -> None:
         print(f"resuming {args.out} after epoch {trainer.epoch}", file=sys.stderr)
     else:
         trainer = Trainer(config, data, args.out, progress, overwrite=args.overwrite, calibrate=args.calibrate)
-    if trainer.placement is not None:
-        print(f"placement: {trainer.placement.summary()} (in {args.out}/placement.json)", file=sys.stderr)
+    trainer.print_placement()
     history = trainer.fit(args.epochs)
     summary = {"out": str(args.out), "epochs": trainer.epoch, **(history[-1] if history else {})}
     if trainer.board is not None:
@@ -152,33 +150,22 @@ def _patience(asked: dict) -> float:
     return asked.get("distributed_timeout_s", TrainConfig.model_fields["distributed_timeout_s"].default)
 
 
-def _check_data_parallel(nproc: int | None, config) -> None:
+def _check_data_parallel(nproc: int | None, config, world) -> None:
     """Refuse a data-parallel request that cannot run, before a directory is claimed or a rank
     spawned (each rank would otherwise say it again)."""
     from cim_hil.errors import ConfigError
-    from cim_hil.training.algorithms.config import MIXED_PRECISION
-    from cim_hil.training.distributed import under_torchrun
+    from cim_hil.training.distributed import check_ranks
 
-    if under_torchrun():
-        ranks = int(os.environ.get("WORLD_SIZE", "1"))
-        if nproc is not None and nproc != ranks:
-            raise ConfigError(f"--nproc {nproc} under torchrun, which started {ranks} rank(s): torchrun sets the "
-                              "ranks (--nproc-per-node), leave out --nproc")
-    elif nproc is None:
-        if config.rank_boards:
-            raise ConfigError("rank_boards (--rank-boards) names one board per data-parallel rank: give --nproc N "
-                              "as well, or run under torchrun; one process trains on --board")
-        return
-    elif nproc < 1:
-        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
-    else:
-        ranks = nproc
-    if config.rank_boards and len(config.rank_boards) != ranks:
-        raise ConfigError(f"rank_boards (--rank-boards) names {len(config.rank_boards)} board(s) for {ranks} ranks: "
-                          "give one per rank")
-    if ranks > 1 and config.algorithm not in MIXED_PRECISION:
-        raise ConfigError(f"data-parallel ranks train with mixed precision only (--algorithm mp or "
-                          f"mp-no-accumulation), not {config.algorithm}")
+    if world is not None:
+        if nproc is not None and nproc != world.size:
+            raise ConfigError(f"--nproc {nproc} under torchrun, which started {world.size} rank(s): torchrun sets "
+                              "the ranks (--nproc-per-node), leave out --nproc")
+        check_ranks(config, world.size)
+    elif nproc is not None:
+        check_ranks(config, nproc)
+    elif config.rank_boards:
+        raise ConfigError("rank_boards (--rank-boards) names one board per data-parallel rank: give --nproc N "
+                          "as well, or run under torchrun; one process trains on --board")
 
 
 # A resumed run may be given more epochs or more patience; everything else is the run's own.

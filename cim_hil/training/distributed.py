@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from cim_hil.emulator.board import config_from_url
 from cim_hil.errors import BoardError, CimHilError, ConfigError
+from cim_hil.training.algorithms.config import MIXED_PRECISION
 
 FAILURE_KEY = "cim-hil/failure"
 REPORT_WAIT_S = 5.0  # how long a rank waits for a failed peer's report once the peer is gone
@@ -85,9 +86,7 @@ class ProcessGroupWorld(World):
     def board_url(self, config: Any) -> str:
         """Rank r's board: ``rank_boards[r]``, else ``board`` with ``{rank}`` filled in; an
         emulator gets seed + r, another chip."""
-        if config.rank_boards:
-            if len(config.rank_boards) != self.size:
-                raise ConfigError(f"rank_boards names {len(config.rank_boards)} boards for {self.size} ranks")
+        if config.rank_boards:  # one per rank (``check_ranks``)
             url = config.rank_boards[self.rank]
         else:
             url = config.board.replace("{rank}", str(self.rank))
@@ -216,29 +215,40 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def check_ranks(config: Any, ranks: int) -> None:
+    """What a data-parallel run on ``ranks`` ranks needs of ``config``, checked before any
+    board is opened: a board per rank where they are named, and mixed precision."""
+    if ranks < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {ranks}")
+    if config.rank_boards and len(config.rank_boards) != ranks:
+        raise ConfigError(f"rank_boards (--rank-boards) names {len(config.rank_boards)} board(s) for {ranks} ranks: "
+                          "give one per rank")
+    if ranks > 1 and config.algorithm not in MIXED_PRECISION:
+        raise ConfigError(f"data-parallel ranks train with mixed precision only (--algorithm mp or "
+                          f"mp-no-accumulation), not {config.algorithm}")
+
+
 def checkpoint_from_rank_0(world: ProcessGroupWorld, read: Callable[[], dict]) -> dict:
     """Rank 0's ``read()`` (the checkpoint to resume) on every rank: on several hosts only rank
     0's need hold the run directory. What rank 0 could not read is raised on every rank."""
     box: list[Any] = [None]
+    failed = None
     if world.rank == 0:
         try:
             box = [("state", read())]
         except CimHilError as error:
-            box = [("error", str(error))]
-            dist.broadcast_object_list(box, src=0)
-            raise
+            box, failed = [("error", str(error))], error
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "error":
-        raise CimHilError(value)
+        raise failed or CimHilError(value)
     return value
 
 
 def run_rank(world: ProcessGroupWorld, config: Any, data: Any, out_dir: str | Path, progress: bool,
              resume: dict | None = None, epochs: int | None = None, overwrite: bool = False) -> dict:
     """Train as one rank, a new run or the checkpoint ``resume`` continued; a failure here is
-    reported to the others, one elsewhere is named. Rank 0 prints the placement on stderr
-    before training, as a single process does."""
+    reported to the others, one elsewhere is named."""
     from cim_hil.training.trainer import Trainer
 
     try:
@@ -246,8 +256,7 @@ def run_rank(world: ProcessGroupWorld, config: Any, data: Any, out_dir: str | Pa
             trainer = Trainer.resume(out_dir, data, progress and world.rank == 0, world, state=resume)
         else:
             trainer = Trainer(config, data, out_dir, progress and world.rank == 0, world, overwrite=overwrite)
-        if trainer.placement is not None and world.writer:
-            print(f"placement: {trainer.placement.summary()} (in {out_dir}/placement.json)", file=sys.stderr)
+        trainer.print_placement()
         history = trainer.fit(epochs)
         summary = {"out": str(out_dir), "epochs": trainer.epoch, "ranks": world.size, **(history[-1] if history else {})}
         if trainer.board is not None:
@@ -296,8 +305,7 @@ def spawn_ranks(config: Any, data: Any, out_dir: str | Path, nproc: int, progres
     """Run ``nproc`` ranks as child processes around a store this process holds (a new run, or
     the checkpoint ``resume`` continued); returns rank 0's summary, or raises one ``BoardError``
     with every rank's error, a line each."""
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    check_ranks(config, nproc)
     timeout = timedelta(seconds=config.distributed_timeout_s)
     # Children do not inherit the process group; the store lives here so it outlives any rank.
     store = dist.TCPStore("127.0.0.1", 0, nproc + 1, is_master=True, timeout=timeout, wait_for_workers=False)

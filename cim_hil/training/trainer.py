@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -30,7 +31,7 @@ from cim_hil.training.lenet import lenet5
 from cim_hil.training.mnist import MNIST
 from cim_hil.training.algorithms.build import Calibrate, build_optimizer
 from cim_hil.training.algorithms.config import MIXED_PRECISION, TRANSFER, Algorithm, AlgorithmConfig
-from cim_hil.training.distributed import World
+from cim_hil.training.distributed import World, check_ranks
 from cim_hil.training.plots import plot_training_curves
 from cim_hil.training.rundir import CHECKPOINT, CURVES, PLACEMENT, RunDirectory
 
@@ -135,6 +136,8 @@ class Trainer:
         self.run_dir = RunDirectory(out_dir)
         self.config = config
         self.world = world or World()
+        if self.world.size > 1:
+            check_ranks(config, self.world.size)  # before a board is opened
         self.data = MNIST(data.train.head(config.train_limit), data.test.head(config.test_limit), data.source)
         self.out_dir = Path(out_dir)
         self.progress = progress
@@ -160,8 +163,6 @@ class Trainer:
                     for tile in self.board.tiles[: self.placement.tiles_used]:
                         calibrate(tile)
                 self.model = convert_to_analog(model, self.board, config.mapping, self.placement)
-                if self.world.size > 1 and config.algorithm not in MIXED_PRECISION:
-                    raise ConfigError(f"data-parallel ranks train with mixed precision only, not {config.algorithm}")
                 self.optimizer = build_optimizer(config.algorithm, self.model, self.board, config.lr, config.rule,
                                                  config.algorithm_options, config.seed, calibrate, self.world.agree)
             except BaseException:
@@ -173,6 +174,11 @@ class Trainer:
         self.history: list[dict] = []
 
     # ---- the loop -------------------------------------------------------------------------
+    def print_placement(self) -> None:
+        """Say on stderr where the layers sit, before any epoch (the writing rank alone)."""
+        if self.placement is not None and self.world.writer:
+            print(f"placement: {self.placement.summary()} (in {self.out_dir / PLACEMENT})", file=sys.stderr)
+
     def fit(self, epochs: int | None = None) -> list[dict]:
         """Train up to ``epochs`` (default: the config's) epochs in total, resuming where left."""
         if self.placement is not None and self.world.writer:  # known before any epoch, and shown to users
