@@ -86,6 +86,16 @@ def _serve(tiles=4):
     return process, url.group(0)
 
 
+def _into_the_first_steps(train: subprocess.Popen, out: Path) -> None:
+    """Wait until ``train`` (still running) is a second into its first steps."""
+    deadline = time.monotonic() + 240
+    while not (out / "placement.json").exists():  # written once every rank has converted the model
+        assert train.poll() is None, train.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1.0)
+
+
 CIM_HIL_TRAIN = ["-m", "cim_hil.cli", "train"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -100,12 +110,7 @@ def _kill_a_board_mid_run(train_command: list[str], tmp_path, timeout_s: float):
          "--test-limit", "50", "--no-progress", "--distributed-timeout", str(timeout_s), "--out", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not (tmp_path / "placement.json").exists():  # written once every rank has converted the model
-            assert train.poll() is None, train.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        time.sleep(1.0)  # into the first steps
+        _into_the_first_steps(train, tmp_path)
         board1.kill()
         killed = time.monotonic()
         _, stderr = train.communicate(timeout=timeout_s + 30)
@@ -155,12 +160,7 @@ def test_a_rank_that_hangs_is_reported_and_killed_and_nothing_waits_for_ever(tmp
          "--train-limit", "4000", "--test-limit", "50", "--no-progress", "--distributed-timeout", str(timeout_s),
          "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not (tmp_path / "placement.json").exists():
-            assert train.poll() is None, train.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        time.sleep(1.0)
+        _into_the_first_steps(train, tmp_path)
         ranks = _spawned_ranks(train.pid)
         assert len(ranks) == 2, ranks
         os.kill(ranks[1], signal.SIGSTOP)
